@@ -1,0 +1,29 @@
+# The README's commands. Each does its own set-up the first time: a virtual environment in .venv with
+# torch==2.13.0 installed first (an unpinned torch pulls a multi-GB CUDA build), then this project.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR := out/demo
+
+.PHONY: setup demo test test-slow clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/bigcode-deploy forward --ids 1,2,3,4,5
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow -s
+
+clean:
+	rm -rf $(VENV) out

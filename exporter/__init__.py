@@ -1,0 +1,1 @@
+"""The reference GPTBigCode model, its checkpoint loader and the ONNX export."""

@@ -1,0 +1,1 @@
+"""ONNX graph passes that lower an exported bundle for one target."""

@@ -1,0 +1,1 @@
+"""Decoding, parity verification and engines over a deployment bundle."""
