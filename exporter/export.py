@@ -1,0 +1,247 @@
+"""Export a checkpoint to a deployment bundle: manifest.json, model.onnx (+ external data), tokenizer files.
+
+One graph serves prefill and decode (a past of length 0 is valid). The bundle appears atomically: everything is
+written under a temporary name beside OUT_DIR and renamed at the end; a failure leaves nothing under OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+from torch import nn
+from torch.export import Dim
+
+from exporter.checkpoint import default_model_dir, load_model, sha256_files, weight_files
+from exporter.config import GPTBigCodeConfig
+from exporter.errors import BigCodeError
+from exporter.manifest import (
+    BATCH, PAST, SEQUENCE, build_manifest, has_cache, io_spec,
+)
+from exporter.onnx_functions import FUNCTIONS
+from exporter.ops import DOMAIN, DOMAIN_VERSION
+
+GRAPH_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "generation_config.json",
+)
+# A protobuf holds at most 2 GiB: above this many weight bytes the graph always gets external data.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+SUPPORTED_OPSETS = range(18, 24)
+
+Progress = Callable[[str], None]
+
+
+class ExportModule(nn.Module):
+    """Flat graph I/O around a task model: (input_ids, attention_mask[, position_ids][, past list]) -> tuple."""
+
+    def __init__(self, model: nn.Module, task: str, cache: bool):
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.cache = cache
+
+    def forward(self, input_ids, attention_mask, position_ids=None, past_key_values=None):
+        if self.task in ("sequence-classification", "token-classification"):
+            main, _ = self.model(input_ids, attention_mask)
+            return (main,)
+        main, presents = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        return (main, *presents) if self.cache else (main,)
+
+
+def example_inputs(config: GPTBigCodeConfig, task: str, cache: bool, dtype: torch.dtype) -> tuple:
+    """Tracing inputs. Sizes >= 2 and pairwise different, so torch.export specialises no dim and merges none."""
+    B, T, P = 2, 3, 4 if cache else 0
+    input_ids = torch.randint(0, config.vocab_size, (B, T))
+    attention_mask = torch.ones(B, P + T, dtype=torch.long)
+    attention_mask[1, :2] = 0  # a left-padded row
+    if task in ("sequence-classification", "token-classification"):
+        return (input_ids, attention_mask)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
+    if not cache:
+        return (input_ids, attention_mask, position_ids)
+    past = [torch.randn(*([B, P] if config.multi_query else [B, config.n_head, P]), 2 * config.head_dim, dtype=dtype)
+            for _ in range(config.n_layer)]
+    return (input_ids, attention_mask, position_ids, past)
+
+
+def dynamic_shapes(config: GPTBigCodeConfig, task: str, cache: bool) -> tuple:
+    batch, seq, past = Dim(BATCH), Dim(SEQUENCE, max=config.n_positions), Dim(PAST, max=config.n_positions)
+    # The mask's length is past + sequence; torch.export derives that relation itself (Dim.AUTO).
+    shapes = [{0: batch, 1: seq}, {0: batch, 1: Dim.AUTO if cache else seq}]
+    if task in ("sequence-classification", "token-classification"):
+        return tuple(shapes)
+    shapes.append({0: batch, 1: seq})
+    if cache:
+        axis = 1 if config.multi_query else 2
+        shapes.append([{0: batch, axis: past} for _ in range(config.n_layer)])
+    return tuple(shapes)
+
+
+def to_onnx_ir(
+    model: nn.Module, config: GPTBigCodeConfig, task: str, cache: bool, opset: int, dtype: torch.dtype
+) -> tuple[ir.Model, list[str]]:
+    """torch.onnx (dynamo) export, then the bundle's conventions applied to the IR (no proto copy of weights).
+
+    Returns the model and the bigcode ops it uses.
+    """
+    inputs, outputs = io_spec(config, task, _dtype_name(dtype), cache)
+    module = ExportModule(model, task, cache).eval()
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(None), _quiet_torch_onnx():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            example_inputs(config, task, cache, dtype),
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes(config, task, cache),
+            input_names=[i["name"] for i in inputs],
+            output_names=[o["name"] for o in outputs],
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    ir_model = program.model
+    for value, spec in zip([*ir_model.graph.inputs, *ir_model.graph.outputs], [*inputs, *outputs]):
+        if value.name != spec["name"]:
+            raise RuntimeError(f"exported graph I/O {value.name!r} where {spec['name']!r} was expected")
+        value.shape = ir.Shape(spec["shape"])  # the manifest's symbolic names (torch names the mask's length sNN)
+    for node in ir_model.graph.all_nodes():
+        node.metadata_props.clear()  # torch's stack traces name this machine's paths; they are not part of the graph
+    used = sorted({n.op_type for n in ir_model.graph.all_nodes() if n.domain == DOMAIN})
+    for op in used:
+        function = ir.serde.deserialize_function(FUNCTIONS[op]())
+        ir_model.functions[function.identifier()] = function
+    if used:
+        ir_model.opset_imports[DOMAIN] = DOMAIN_VERSION
+    ir_model.producer_name = "bigcode-deploy"
+    ir_model.producer_version = version("bigcode-deploy")
+    return ir_model, used
+
+
+@contextlib.contextmanager
+def _quiet_torch_onnx():
+    """torch.onnx logs a warning per missing optional package (torchvision); keep the user's output to progress."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def _print_progress(message: str) -> None:
+    print(message, flush=True)
+
+
+@contextlib.contextmanager
+def _step(progress: Progress, label: str):
+    start = time.perf_counter()
+    progress(f"{label} ...")
+    yield
+    progress(f"{label}: done in {time.perf_counter() - start:.1f}s")
+
+
+def export_bundle(
+    model_dir: str | Path | None,
+    out_dir: str | Path,
+    *,
+    task: str = "causal-lm",
+    dtype: str = "fp32",
+    opset: int = 18,
+    use_cache: bool = True,
+    external_data: bool = False,
+    force: bool = False,
+    check: bool = True,
+    progress: Progress = _print_progress,
+) -> Path:
+    """Write a deployment bundle for the checkpoint in model_dir (None: the embedded default) to out_dir."""
+    from exporter.check import check_bundle  # the check runs ONNX Runtime; imported only when exporting
+
+    out_dir = Path(out_dir)
+    source_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    if opset not in SUPPORTED_OPSETS:
+        raise BigCodeError(f"--opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+    if out_dir.exists() and not force:
+        raise BigCodeError(f"{out_dir} already exists; choose another OUT_DIR or pass --force to replace it")
+    if not out_dir.parent.is_dir():
+        raise BigCodeError(f"the parent of {out_dir} does not exist; create it first")
+    if check and dtype == "bf16":
+        raise BigCodeError(
+            "dtype bf16 cannot be checked on this device: ONNX Runtime's CPU provider has no bf16 kernels "
+            "(it fails on the first Add); pass --no-check to export it unchecked, or export fp16/fp32"
+        )
+
+    with _step(progress, f"loading {source_dir} ({task}, {dtype})"):
+        model, config = load_model(source_dir, task=task, dtype=dtype)
+    cache = has_cache(task, use_cache)
+    torch_dtype = next(model.parameters()).dtype
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = external_data or weight_bytes > EXTERNAL_DATA_THRESHOLD
+
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        with _step(progress, f"exporting to ONNX (opset {opset}, {weight_bytes / 1e6:.1f} MB of weights)"):
+            ir_model, custom_ops_used = to_onnx_ir(model, config, task, cache, opset, torch_dtype)
+        with _step(progress, "writing " + (f"{GRAPH_FILE} + {DATA_FILE}" if external else GRAPH_FILE)):
+            ir.save(ir_model, staging / GRAPH_FILE, external_data=DATA_FILE if external else None)
+            del ir_model
+            graph_files = [staging / GRAPH_FILE] + ([staging / DATA_FILE] if external else [])
+            graph_hashes = sha256_files(graph_files)
+        tokenizer = None
+        for name in TOKENIZER_FILES:
+            if (source_dir / name).is_file():
+                shutil.copy2(source_dir / name, staging / name)
+                if name == "tokenizer.json":
+                    tokenizer = name
+        with _step(progress, "hashing the source checkpoint"):
+            source_files = [source_dir / "config.json", *weight_files(source_dir)]
+            source = {"model_dir": str(source_dir), "sha256": sha256_files(source_files)}
+        manifest = build_manifest(
+            config, task=task, dtype=dtype, opset=opset, use_cache=use_cache,
+            package_version=version("bigcode-deploy"),
+            graph={"file": GRAPH_FILE, "external_data": DATA_FILE if external else None, "sha256": graph_hashes},
+            source=source, tokenizer=tokenizer,
+            custom_ops_used=custom_ops_used,
+        )
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        if check:
+            with _step(progress, "checking: onnx.checker (full) and ONNX Runtime against torch"):
+                report = check_bundle(staging, model)
+            progress(report.summary())
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    progress(f"wrote {out_dir}")
+    return out_dir
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Rename staging to out_dir; an existing out_dir (allowed by --force) is removed only after the rename."""
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
