@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/bigcode-deploy forward --ids 1,2,3,4,5
+	$(BIN)/bigcode-deploy export $(DEMO_DIR) --force
+	$(BIN)/bigcode-deploy inspect $(DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -181,8 +181,6 @@ def export_bundle(
         raise BigCodeError(f"--opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
     if out_dir.exists() and not force:
         raise BigCodeError(f"{out_dir} already exists; choose another OUT_DIR or pass --force to replace it")
-    if not out_dir.parent.is_dir():
-        raise BigCodeError(f"the parent of {out_dir} does not exist; create it first")
     if check and dtype == "bf16":
         raise BigCodeError(
             "dtype bf16 cannot be checked on this device: ONNX Runtime's CPU provider has no bf16 kernels "
@@ -196,6 +194,7 @@ def export_bundle(
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = external_data or weight_bytes > EXTERNAL_DATA_THRESHOLD
 
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

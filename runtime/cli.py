@@ -106,3 +106,69 @@ def inspect(bundle: str) -> None:
     from runtime.inspect import describe
 
     click.echo(describe(bundle))
+
+
+
+BACKEND = click.option("--backend", type=click.Choice(["ort", "ort-cuda", "torch", "tensorrt"]), default="ort",
+                       show_default=True, help="Where the bundle runs (torch: the reference model).")
+THREADS = click.option("--threads", default=0, show_default=True, help="Intra-op threads (0: the library's default).")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.option("--model", "model_dir", type=click.Path(path_type=str), default=None,
+              help="Checkpoint of the torch reference (default: the one recorded in the manifest).")
+@BACKEND
+@click.option("--steps", default=4, show_default=True, help="Cached decode steps after the prefill.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random prompts.")
+@THREADS
+@user_errors
+def verify(bundle, model_dir, backend, steps, seed, threads) -> None:
+    """Compare BUNDLE on a backend with the torch reference; write parity.json; exit 1 on a mismatch."""
+    from runtime.verify import raise_on_failure, verify_bundle
+
+    report = verify_bundle(bundle, model_dir=model_dir, backend=backend, steps=steps, seed=seed, threads=threads)
+    click.echo(report.table())
+    raise_on_failure(report)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.option("--prompt", default=None, help="Prompt text (needs the bundle's tokenizer.json).")
+@click.option("--ids", default=None, help="Prompt as comma-separated token ids.")
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", default=0, show_default=True, help="0: off.")
+@click.option("--top-p", default=1.0, show_default=True, help="1: off.")
+@click.option("--repetition-penalty", default=1.0, show_default=True, help="1: off.")
+@click.option("--seed", default=None, type=int, help="Seed for sampling (same seed, same tokens).")
+@click.option("--stop-token", "stop_tokens", multiple=True, type=int, help="Stop token id (repeatable; default: eos).")
+@BACKEND
+@click.option("--model", "model_dir", type=click.Path(path_type=str), default=None,
+              help="Checkpoint for --backend torch (default: the one recorded in the manifest).")
+@THREADS
+@user_errors
+def generate(bundle, prompt, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+             stop_tokens, backend, model_dir, threads) -> None:
+    """Stream a continuation of a prompt from BUNDLE; print tokens/s at the end."""
+    from runtime.api import open_generator
+
+    if (prompt is None) == (ids is None):
+        raise click.UsageError("give exactly one of --prompt TEXT or --ids 1,2,3")
+    with open_generator(bundle, backend=backend, model_dir=model_dir, threads=threads) as generator:
+        pieces, stats = generator.stream_text(
+            prompt if prompt is not None else None, ids=ids, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+            stop_token_ids=tuple(stop_tokens) if stop_tokens else None,
+        )
+        for piece in pieces:
+            click.echo(piece, nl=False)
+        click.echo()
+    click.echo(
+        f"[{stats.new_tokens} tokens; prefill {stats.prefill_s * 1000:.1f} ms; decode "
+        f"{stats.decode_tokens_per_s:.1f} tokens/s]", err=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -12,11 +12,14 @@ import numpy as np
 
 from exporter.errors import BigCodeError
 
-# Export-time tolerances per graph dtype, for ONNX Runtime CPU against the torch reference in the same dtype.
-# fp32: the issue's bound, 1e-4, on logits of magnitude ~1-10 (kernels differ, reductions reorder: ~1e-6 seen).
-# fp16: ORT and torch round the same fp16 matmuls and LayerNorms at different points; fp16's ulp is 2^-10 at
-# 1.0 and 2^-7 at 8, so 8e-2 absolute is about 10 ulps of a logit of 8, with 2e-2 relative for larger values.
-TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (8e-2, 2e-2), "bf16": (2.5e-1, 5e-2)}
+# Tolerances per graph dtype, (abs, rel), for a backend against the torch reference in the same dtype.
+# fp32: the issue's bound, 1e-4, on logits of magnitude ~1-10; ORT CPU was measured at ~2e-6 (kernels differ,
+#   reductions reorder).
+# fp16: ORT and torch round the same fp16 matmuls and LayerNorms at different points. Measured 4e-3 to 7e-3 on
+#   logits of magnitude ~4 (4 layers, 3 seeds, MQA and MHA): 1-2 ulps there (fp16's ulp is 2^-8 at 4).
+#   Allowed: 4 ulps, i.e. 4 * 2^-10 = 4e-3 relative, or 2e-2 absolute for values near the logits' scale.
+# bf16: the same reasoning with 8 significant bits: 4 * 2^-7 = 3e-2 relative, 0.125 absolute.
+TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 4e-3), "bf16": (1.25e-1, 3e-2)}
 
 
 class ParityError(BigCodeError):

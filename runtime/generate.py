@@ -1,0 +1,97 @@
+"""Generation: prompts in, a stream of (row, token) out, with per-row stop and finished rows dropped."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from exporter.errors import BigCodeError
+from runtime.sampling import Sampler, SamplingOptions
+from runtime.session import DecodingSession
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 32
+    stop_token_ids: tuple[int, ...] | None = None  # None: the config's eos token(s)
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise BigCodeError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    row: int
+    token: int
+    finished: bool  # this row stops after this token (stop token or max_new_tokens)
+
+
+@dataclass
+class GenerationStats:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    new_tokens: int = 0
+    decode_tokens: int = 0  # tokens produced by decode steps (the prefill's first token excluded)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def stop_ids(config: dict, options: GenerationOptions) -> set[int]:
+    if options.stop_token_ids is not None:
+        return set(options.stop_token_ids)
+    eos = config.get("eos_token_id")
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def stream(
+    session: DecodingSession, prompts: list[list[int]], options: GenerationOptions, stats: GenerationStats | None = None
+) -> Iterator[TokenEvent]:
+    """Yield each new token as it is chosen. A row ends at a stop token (which is yielded) or max_new_tokens."""
+    session.check_fits(prompts, options.max_new_tokens)
+    stats = stats if stats is not None else GenerationStats()
+    sampler = Sampler(options.sampling)
+    stops = stop_ids(session_config(session), options)
+    seen = [np.asarray(p, dtype=np.int64) for p in prompts]
+    produced = np.zeros(len(prompts), dtype=np.int64)
+
+    start = time.perf_counter()
+    logits = session.prefill(prompts)
+    stats.prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    while True:
+        rows = session.rows
+        tokens = sampler(logits, [seen[r] for r in rows])
+        keep = np.ones(len(rows), dtype=bool)
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            seen[row] = np.append(seen[row], token)
+            produced[row] += 1
+            finished = int(token) in stops or produced[row] >= options.max_new_tokens
+            keep[i] = not finished
+            stats.new_tokens += 1
+            yield TokenEvent(int(row), int(token), finished)
+        if not keep.any():
+            break
+        session.keep_rows(keep)
+        logits = session.step(tokens[keep])
+        stats.decode_tokens += int(keep.sum())
+    stats.decode_s = time.perf_counter() - start
+
+
+def session_config(session: DecodingSession) -> dict:
+    return session.backend.bundle.config
+
+
+def generate(session: DecodingSession, prompts: list[list[int]], options: GenerationOptions,
+             stats: GenerationStats | None = None) -> list[list[int]]:
+    """Every row's new tokens (stop token included when one ended the row)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for event in stream(session, prompts, options, stats):
+        out[event.row].append(event.token)
+    return out

@@ -1,0 +1,79 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty; seeded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from exporter.errors import BigCodeError
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise BigCodeError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise BigCodeError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
+        if not 0 < self.top_p <= 1:
+            raise BigCodeError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise BigCodeError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 turns it off)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: list[np.ndarray], penalty: float) -> np.ndarray:
+    """transformers' rule: a seen token's logit is divided by the penalty if positive, multiplied if negative."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.copy()
+    for row, tokens in enumerate(seen):
+        if tokens.size:
+            values = logits[row, tokens]
+            logits[row, tokens] = np.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def filter_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Set logits outside the top-k and outside the smallest set with probability >= top_p to -inf. (B, V)."""
+    logits = logits.astype(np.float64, copy=True)
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
+        logits[logits < kth] = -np.inf
+    if top_p < 1.0:
+        order = np.argsort(-logits, axis=-1)
+        sorted_logits = np.take_along_axis(logits, order, axis=-1)
+        probs = np.exp(sorted_logits - sorted_logits[:, :1])
+        probs /= probs.sum(-1, keepdims=True)
+        cumulative = np.cumsum(probs, axis=-1)
+        remove = cumulative - probs >= top_p  # keep tokens until the mass before them reaches top_p
+        sorted_logits[remove] = -np.inf
+        np.put_along_axis(logits, order, sorted_logits, axis=-1)
+    return logits
+
+
+class Sampler:
+    def __init__(self, options: SamplingOptions):
+        self.options = options
+        self.rng = np.random.default_rng(options.seed)
+
+    def __call__(self, logits: np.ndarray, seen: list[np.ndarray]) -> np.ndarray:
+        """Next token per row (B,) from last-position logits (B, V) and each row's tokens so far."""
+        o = self.options
+        logits = apply_repetition_penalty(logits, seen, o.repetition_penalty)
+        if o.greedy:
+            return logits.argmax(-1).astype(np.int64)
+        logits = filter_top_k_top_p(logits / o.temperature, o.top_k, o.top_p)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        return np.array([self.rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
