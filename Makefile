@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/bigcode-deploy forward --ids 1,2,3,4,5
 	$(BIN)/bigcode-deploy export $(DEMO_DIR) --force
 	$(BIN)/bigcode-deploy inspect $(DEMO_DIR)
+	$(BIN)/bigcode-deploy verify $(DEMO_DIR)
+	$(BIN)/bigcode-deploy generate $(DEMO_DIR) --ids 1,2,3,4,5 --max-new-tokens 16
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
