@@ -70,7 +70,7 @@ def check_bundle(bundle_dir: Path, model: nn.Module, steps: int = DECODE_STEPS) 
     atol, rtol = TOLERANCES[dtype]
     session = ort_session(graph)
     ids, mask = left_padded_prompts(bundle.config["vocab_size"])
-    past_names, present_names = bundle.past_names(), bundle.present_names()
+    past_names = bundle.past_names()
     feeds = {"input_ids": ids, "attention_mask": mask, **bundle.empty_past(ids.shape[0])}
     report = ParityReport(dtype=dtype, atol=atol, rtol=rtol)
     for step in range(steps + 1 if past_names else 1):

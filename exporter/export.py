@@ -9,11 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
-import time
 import warnings
-from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -30,6 +27,8 @@ from exporter.manifest import (
 )
 from exporter.onnx_functions import FUNCTIONS
 from exporter.ops import DOMAIN, DOMAIN_VERSION
+from exporter.progress import Progress, print_progress, step
+from exporter.staging import refuse_existing, staged_dir
 
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -41,9 +40,6 @@ TOKENIZER_FILES = (
 # A protobuf holds at most 2 GiB: above this many weight bytes the graph always gets external data.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 SUPPORTED_OPSETS = range(18, 24)
-
-Progress = Callable[[str], None]
-
 
 class ExportModule(nn.Module):
     """Flat graph I/O around a task model: (input_ids, attention_mask[, position_ids][, past list]) -> tuple."""
@@ -147,18 +143,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
-def _print_progress(message: str) -> None:
-    print(message, flush=True)
-
-
-@contextlib.contextmanager
-def _step(progress: Progress, label: str):
-    start = time.perf_counter()
-    progress(f"{label} ...")
-    yield
-    progress(f"{label}: done in {time.perf_counter() - start:.1f}s")
-
-
 def export_bundle(
     model_dir: str | Path | None,
     out_dir: str | Path,
@@ -170,7 +154,7 @@ def export_bundle(
     external_data: bool = False,
     force: bool = False,
     check: bool = True,
-    progress: Progress = _print_progress,
+    progress: Progress = print_progress,
 ) -> Path:
     """Write a deployment bundle for the checkpoint in model_dir (None: the embedded default) to out_dir."""
     from exporter.check import check_bundle  # the check runs ONNX Runtime; imported only when exporting
@@ -179,29 +163,24 @@ def export_bundle(
     source_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     if opset not in SUPPORTED_OPSETS:
         raise BigCodeError(f"--opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
-    if out_dir.exists() and not force:
-        raise BigCodeError(f"{out_dir} already exists; choose another OUT_DIR or pass --force to replace it")
+    refuse_existing(out_dir, force)
     if check and dtype == "bf16":
         raise BigCodeError(
             "dtype bf16 cannot be checked on this device: ONNX Runtime's CPU provider has no bf16 kernels "
             "(it fails on the first Add); pass --no-check to export it unchecked, or export fp16/fp32"
         )
 
-    with _step(progress, f"loading {source_dir} ({task}, {dtype})"):
+    with step(progress, f"loading {source_dir} ({task}, {dtype})"):
         model, config = load_model(source_dir, task=task, dtype=dtype)
     cache = has_cache(task, use_cache)
     torch_dtype = next(model.parameters()).dtype
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = external_data or weight_bytes > EXTERNAL_DATA_THRESHOLD
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        with _step(progress, f"exporting to ONNX (opset {opset}, {weight_bytes / 1e6:.1f} MB of weights)"):
+    with staged_dir(out_dir, force) as staging:
+        with step(progress, f"exporting to ONNX (opset {opset}, {weight_bytes / 1e6:.1f} MB of weights)"):
             ir_model, custom_ops_used = to_onnx_ir(model, config, task, cache, opset, torch_dtype)
-        with _step(progress, "writing " + (f"{GRAPH_FILE} + {DATA_FILE}" if external else GRAPH_FILE)):
+        with step(progress, "writing " + (f"{GRAPH_FILE} + {DATA_FILE}" if external else GRAPH_FILE)):
             ir.save(ir_model, staging / GRAPH_FILE, external_data=DATA_FILE if external else None)
             del ir_model
             graph_files = [staging / GRAPH_FILE] + ([staging / DATA_FILE] if external else [])
@@ -212,7 +191,7 @@ def export_bundle(
                 shutil.copy2(source_dir / name, staging / name)
                 if name == "tokenizer.json":
                     tokenizer = name
-        with _step(progress, "hashing the source checkpoint"):
+        with step(progress, "hashing the source checkpoint"):
             source_files = [source_dir / "config.json", *weight_files(source_dir)]
             source = {"model_dir": str(source_dir), "sha256": sha256_files(source_files)}
         manifest = build_manifest(
@@ -224,23 +203,9 @@ def export_bundle(
         )
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         if check:
-            with _step(progress, "checking: onnx.checker (full) and ONNX Runtime against torch"):
+            with step(progress, "checking: onnx.checker (full) and ONNX Runtime against torch"):
                 report = check_bundle(staging, model)
             progress(report.summary())
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     progress(f"wrote {out_dir}")
     return out_dir
 
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Rename staging to out_dir; an existing out_dir (allowed by --force) is removed only after the rename."""
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-        staging.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out_dir)

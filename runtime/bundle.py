@@ -24,7 +24,7 @@ class BundleError(BigCodeError):
     """A bundle that cannot be used: missing files, another format version, a graph that changed."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -60,7 +60,7 @@ class Bundle:
             file = path / name
             if not file.is_file():
                 raise BundleError(f"{file} is missing from the bundle; re-export it")
-            if verify_hash and _sha256(file) != graph["sha256"].get(name):
+            if verify_hash and sha256_file(file) != graph["sha256"].get(name):
                 raise BundleError(
                     f"{file} does not match the sha256 in manifest.json (the graph changed after export); re-export "
                     "or re-optimize the bundle"

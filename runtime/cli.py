@@ -170,5 +170,42 @@ def generate(bundle, prompt, ids, max_new_tokens, temperature, top_k, top_p, rep
     )
 
 
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.argument("out_dir", type=click.Path(path_type=str))
+@click.option("--target", type=click.Choice(["portable", "ort", "tensorrt"]), required=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Graph dtype (default: the bundle's; another dtype re-exports the source checkpoint).")
+@click.option("--last-token-logits", is_flag=True, help="Compute logits for each row's last position only.")
+@click.option("--max-batch", default=8, show_default=True, help="tensorrt: the batch range recorded for profiles.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT_DIR.")
+@click.option("--no-check", is_flag=True, help="Skip the ONNX Runtime comparison with the input bundle.")
+@user_errors
+def optimize(bundle, out_dir, target, dtype, last_token_logits, max_batch, force, no_check) -> None:
+    """Rewrite BUNDLE's graph for one target into a new bundle OUT_DIR."""
+    from graphs.optimize import optimize_bundle
+
+    optimize_bundle(bundle, out_dir, target=target, dtype=dtype, last_token_logits=last_token_logits,
+                    max_batch=max_batch, force=force, check=not no_check,
+                    progress=lambda message: click.echo(message, err=True))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.option("--target", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True)
+@user_errors
+def lint(bundle, target) -> None:
+    """Check statically what TensorRT's ONNX parser would reject; one line per problem, exit 1 when any."""
+    from graphs.optimize import lint_bundle
+
+    problems = lint_bundle(bundle, target)
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{bundle}: no problems for {target}")
+
+
 if __name__ == "__main__":
     main()

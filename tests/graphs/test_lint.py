@@ -1,0 +1,64 @@
+import json
+
+import onnx
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from graphs.lint import lint_tensorrt
+from runtime.cli import main
+
+DIMS = {"batch": {"min": 1, "max": 8}}
+
+
+def tiny_model(nodes, opset=18, extra_inputs=(), functions=()):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    graph = helper.make_graph(nodes, "g", [x, *extra_inputs], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("custom", 1)],
+                             functions=list(functions))
+
+
+def test_clean_graph_has_no_problems():
+    assert lint_tensorrt(tiny_model([helper.make_node("Relu", ["x"], ["y"])]), {"dims": DIMS}) == []
+
+
+def test_each_problem_is_one_line():
+    double = helper.make_tensor_value_info("d", TensorProto.DOUBLE, [4])
+    nodes = [
+        helper.make_node("Unique", ["x"], ["u"]),
+        helper.make_node("Softmax", ["x"], ["s"], domain="custom"),
+        helper.make_node("MyOp", ["x"], ["m"], domain="custom"),
+        helper.make_node("Mapped", ["x"], ["y"], domain="custom", plugin_namespace="", plugin_version="1"),
+    ]
+    problems = lint_tensorrt(tiny_model(nodes, opset=25, extra_inputs=[double]), {"dims": {}})
+    assert problems == [
+        "opset 25 is outside TensorRT's parser range 9-24",
+        "tensor d is DOUBLE: TensorRT casts it down to FLOAT; make it float32",
+        "op Unique is not supported by TensorRT's ONNX parser",
+        "custom op custom::Softmax collides with the built-in Softmax importer (the parser ignores domains): rename it",
+        "custom op custom::MyOp has no plugin mapping (plugin_namespace / plugin_version attributes): inline it or "
+        "map it to a plugin",
+        "custom op custom::Mapped is mapped to a plugin but has no function body to fall back on",
+        "input x dim 'batch' has no finite range in the manifest's dims (an optimization profile needs min and max)",
+    ]
+
+
+def test_plugin_mapped_op_with_function_body_passes():
+    body = helper.make_function("custom", "Mapped", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
+                                [helper.make_opsetid("", 18)])
+    node = helper.make_node("Mapped", ["x"], ["y"], domain="custom", plugin_namespace="", plugin_version="1")
+    assert lint_tensorrt(tiny_model([node], functions=[body]), {"dims": DIMS}) == []
+
+
+def test_cli_lint_on_exported_bundle_fails_and_tensorrt_bundle_passes(tiny_bundles, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["lint", str(tiny_bundles["mqa"])])
+    assert result.exit_code == 1
+    assert "custom op bigcode::FusedMaskedSoftmax has no plugin mapping" in result.output
+    result = runner.invoke(main, ["optimize", str(tiny_bundles["mqa-fp16"]), str(tmp_path / "trt"), "--target", "tensorrt"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["lint", str(tmp_path / "trt")])
+    assert result.exit_code == 0 and "no problems" in result.output
+    manifest = json.loads((tmp_path / "trt" / "manifest.json").read_text())
+    assert manifest["dims"]["batch"] == {"min": 1, "max": 8}
+    assert not onnx.load(str(tmp_path / "trt" / "model.onnx")).functions
