@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR := out/demo
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow gpu-check clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow -s
+
+gpu-check: $(STAMP)
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) out

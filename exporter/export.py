@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 import warnings
-from importlib.metadata import version
+from exporter import __version__
 from pathlib import Path
 
 import onnx_ir as ir
@@ -123,7 +123,7 @@ def to_onnx_ir(
     if used:
         ir_model.opset_imports[DOMAIN] = DOMAIN_VERSION
     ir_model.producer_name = "bigcode-deploy"
-    ir_model.producer_version = version("bigcode-deploy")
+    ir_model.producer_version = __version__
     return ir_model, used
 
 
@@ -196,7 +196,7 @@ def export_bundle(
             source = {"model_dir": str(source_dir), "sha256": sha256_files(source_files)}
         manifest = build_manifest(
             config, task=task, dtype=dtype, opset=opset, use_cache=use_cache,
-            package_version=version("bigcode-deploy"),
+            package_version=__version__,
             graph={"file": GRAPH_FILE, "external_data": DATA_FILE if external else None, "sha256": graph_hashes},
             source=source, tokenizer=tokenizer,
             custom_ops_used=custom_ops_used,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from exporter.errors import BigCodeError
-from runtime.bundle import Bundle
+from runtime.bundle import Bundle, numpy_to_torch
 
 Cache = Any  # backend-native: list of OrtValue, or list of torch.Tensor
 
@@ -136,7 +136,7 @@ class TorchBackend:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        past = [torch.from_numpy(feeds[n]) for n in self.bundle.past_names()]
+        past = [numpy_to_torch(feeds[n]) for n in self.bundle.past_names()]
         past = past if past and past[0].shape[-2] > 0 else None
         main, presents = self._forward(feeds["input_ids"], feeds["attention_mask"], feeds.get("position_ids"), past)
         arrays = [main] + (list(presents) if self.bundle.present_names() else [])
@@ -169,5 +169,7 @@ def open_backend(bundle: Bundle, backend: str = "ort", *, model_dir=None, thread
     if backend == "torch":
         return TorchBackend(bundle, model_dir=model_dir, threads=threads)
     if backend == "tensorrt":
-        raise BackendUnavailable("the TensorRT backend is not written yet (planned with `build-engine`)")
+        from runtime.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(bundle, threads=threads)
     raise BigCodeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

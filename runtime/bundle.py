@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from exporter.errors import BigCodeError
 
 FORMAT = "bigcode-deploy-bundle"
 FORMAT_VERSION = 1
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "int64": np.int64}
 
 
 class BundleError(BigCodeError):
@@ -112,3 +113,13 @@ def position_ids(attention_mask: np.ndarray, past_length: int) -> np.ndarray:
     positions = np.cumsum(attention_mask, axis=1) - 1  # (B, P + T)
     positions[attention_mask == 0] = 1
     return positions[:, past_length:].astype(np.int64)
+
+
+def numpy_to_torch(array: np.ndarray):
+    """torch.from_numpy, also for bfloat16 arrays (ml_dtypes), which numpy itself does not know."""
+    import torch
+
+    array = np.ascontiguousarray(array)
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from importlib.metadata import version
+from exporter import __version__
 
 import click
 
@@ -29,7 +29,7 @@ def user_errors(fn):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(version("bigcode-deploy"), prog_name="bigcode-deploy")
+@click.version_option(__version__, prog_name="bigcode-deploy")
 def main() -> None:
     """Export GPTBigCode models to ONNX and TensorRT, and run them with verified parity."""
 
@@ -205,6 +205,23 @@ def lint(bundle, target) -> None:
     if problems:
         sys.exit(1)
     click.echo(f"{bundle}: no problems for {target}")
+
+
+
+@main.command(name="build-engine")
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.option("--max-batch", type=int, default=None, help="Largest batch (default: the manifest's batch range).")
+@click.option("--max-prompt", type=int, default=None, help="Longest prompt of the prefill profile.")
+@click.option("--max-context", type=int, default=None, help="Longest context of the decode profile (default: n_positions).")
+@click.option("--timing-cache", type=click.Path(path_type=str), default=None, help="Read, reuse and save this timing cache.")
+@click.option("--workspace-gb", type=float, default=4.0, show_default=True)
+@user_errors
+def build_engine(bundle, max_batch, max_prompt, max_context, timing_cache, workspace_gb) -> None:
+    """Build a TensorRT engine for BUNDLE into BUNDLE/engine/<gpu-arch>-trt<version>/."""
+    from runtime.tensorrt import build_engine as build
+
+    build(bundle, max_batch=max_batch, max_prompt=max_prompt, max_context=max_context, timing_cache=timing_cache,
+          workspace_gb=workspace_gb, progress=lambda message: click.echo(message, err=True))
 
 
 if __name__ == "__main__":

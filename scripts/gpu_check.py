@@ -1,0 +1,153 @@
+"""GPU check: the reference model on CUDA against the CPU, the ORT bundle on CUDA, and TensorRT where installed.
+
+Run by scripts/gpu_check.sh on a machine with an NVIDIA GPU. Prints a parity table and decode latencies; each part
+that cannot run (no onnxruntime-gpu, no tensorrt) prints one line saying what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from exporter.checkpoint import load_model
+from exporter.config import GPTBigCodeConfig
+from exporter.model import GPTBigCodeForCausalLM, init_weights
+from runtime.parity import TOLERANCES, compare
+
+
+def write_checkpoint(path: Path, **config) -> Path:
+    cfg = GPTBigCodeConfig(**config)
+    model = init_weights(GPTBigCodeForCausalLM(cfg), cfg, seed=0)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return path
+
+
+def decode(model, device, ids, mask, steps, tokens=None):
+    model = model.to(device)
+    ids, mask = ids.to(device), mask.to(device)
+    outs, past, chosen = [], None, []
+    with torch.no_grad():
+        for step in range(steps + 1):
+            logits, past = model(ids, mask, None, past)
+            outs.append(logits.float().cpu())
+            ids = tokens[step].to(device) if tokens else logits[:, -1].float().argmax(-1, keepdim=True)
+            chosen.append(ids.cpu())
+            mask = torch.cat([mask, torch.ones_like(ids)], 1)
+    return outs, chosen
+
+
+def reference_on_cuda(model_dir: Path, label: str) -> bool:
+    ok = True
+    g = torch.Generator().manual_seed(0)
+    cpu, config = load_model(model_dir, dtype="fp32")
+    lengths = (9, 5, 2)
+    T = max(lengths)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        ids[r, T - n:] = torch.randint(0, config.vocab_size, (n,), generator=g)
+        mask[r, T - n:] = 1
+    expected, tokens = decode(cpu, "cpu", ids, mask, 3)
+    for dtype in ("fp32", "fp16", "bf16"):
+        model, _ = load_model(model_dir, dtype=dtype)
+        actual, _ = decode(model, "cuda", ids, mask, 3, tokens)
+        atol, rtol = TOLERANCES[dtype] if dtype != "fp32" else (1e-4, 1e-4)
+        worst = max(compare("logits", a.numpy(), e.numpy(), atol, rtol).max_abs for a, e in zip(actual, expected))
+        bad = sum(compare("logits", a.numpy(), e.numpy(), atol, rtol).mismatches for a, e in zip(actual, expected))
+        top1 = np.mean([(a[:, -1].argmax(-1) == e[:, -1].argmax(-1)).float().mean().item() for a, e in zip(actual, expected)])
+        # Half precision on CUDA is compared with the fp32 CPU model: its error includes the dtype's own rounding.
+        verdict = "ok" if (bad == 0 or dtype != "fp32") and top1 >= (1.0 if dtype == "fp32" else 2 / 3) else "FAIL"
+        ok &= verdict == "ok"
+        print(f"{label:<26}{'torch cuda ' + dtype:<18}{'torch cpu fp32':<16}{worst:>10.2e}{top1:>7.2f}  {verdict}")
+    return ok
+
+
+def decode_latency(model_dir: Path, device: str, dtype: str, prompt: int = 64, new: int = 64) -> float:
+    model, config = load_model(model_dir, dtype=dtype)
+    model = model.to(device)
+    ids = torch.randint(0, config.vocab_size, (1, prompt), device=device)
+    mask = torch.ones(1, prompt, dtype=torch.long, device=device)
+    with torch.no_grad():
+        logits, past = model(ids, mask)
+        times = []
+        for _ in range(new):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            logits, past = model(nxt, mask, None, past)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return float(np.median(times[4:]) * 1000)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("gpu check: no CUDA device visible to torch; nothing to check")
+        return 1
+    print(f"device: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}), torch {torch.__version__}")
+    work = Path(tempfile.mkdtemp())
+    models = {
+        "default model": Path("exporter/default_model"),
+        "random 4-layer (std 0.2)": write_checkpoint(work / "random", vocab_size=512, n_positions=128, n_embd=128,
+                                                     n_layer=4, n_head=4, initializer_range=0.2),
+    }
+    print(f"{'model':<26}{'candidate':<18}{'reference':<16}{'max abs':>10}{'top-1':>7}  result")
+    ok = all([reference_on_cuda(path, label) for label, path in models.items()])
+
+    from exporter.export import export_bundle
+    from exporter.progress import quiet
+    from runtime.verify import verify_bundle
+
+    bundle = export_bundle(models["random 4-layer (std 0.2)"], work / "bundle", progress=quiet)
+    report = verify_bundle(bundle, steps=3)
+    print(f"{'random 4-layer (std 0.2)':<26}{'ort cpu fp32':<18}{'torch cpu fp32':<16}"
+          f"{max(s.logits.max_abs for s in report.steps):>10.2e}{min(s.top1 for s in report.steps):>7.2f}  "
+          + ("ok" if report.ok else "FAIL"))
+    ok &= report.ok
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        report = verify_bundle(bundle, backend="ort-cuda", steps=3)
+        print(f"{'random 4-layer (std 0.2)':<26}{'ort cuda fp32':<18}{'torch cpu fp32':<16}"
+              f"{max(s.logits.max_abs for s in report.steps):>10.2e}{min(s.top1 for s in report.steps):>7.2f}  "
+              + ("ok" if report.ok else "FAIL"))
+        ok &= report.ok
+    else:
+        print(f"ONNX Runtime CUDA: not checked: onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
+              "(install onnxruntime-gpu)")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        print("TensorRT: not checked: `import tensorrt` fails here (no engine build, no TensorRT parity)")
+    else:
+        from graphs.optimize import optimize_bundle
+        from runtime.tensorrt import build_engine
+
+        trt_bundle = optimize_bundle(bundle, work / "trt", target="tensorrt", dtype="fp16", progress=quiet)
+        build_engine(trt_bundle, max_batch=4, max_prompt=32, max_context=128)
+        report = verify_bundle(trt_bundle, backend="tensorrt", steps=3)
+        print(report.table())
+        ok &= report.ok
+
+    path = models["random 4-layer (std 0.2)"]
+    print("decode latency, batch 1, 64-token prompt, median ms per token (random 4-layer model):")
+    for device, dtype in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "fp16"), ("cuda", "bf16")):
+        print(f"  torch {device} {dtype}: {decode_latency(path, device, dtype):.3f} ms")
+    print("gpu check: " + ("ok" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
