@@ -178,16 +178,18 @@ def generate(bundle, prompt, ids, max_new_tokens, temperature, top_k, top_p, rep
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Graph dtype (default: the bundle's; another dtype re-exports the source checkpoint).")
 @click.option("--last-token-logits", is_flag=True, help="Compute logits for each row's last position only.")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+              help="ort: weight-only quantization of the MatMul weights (lm_head included; embeddings exact).")
 @click.option("--max-batch", default=8, show_default=True, help="tensorrt: the batch range recorded for profiles.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT_DIR.")
 @click.option("--no-check", is_flag=True, help="Skip the ONNX Runtime comparison with the input bundle.")
 @user_errors
-def optimize(bundle, out_dir, target, dtype, last_token_logits, max_batch, force, no_check) -> None:
+def optimize(bundle, out_dir, target, dtype, last_token_logits, quantize, max_batch, force, no_check) -> None:
     """Rewrite BUNDLE's graph for one target into a new bundle OUT_DIR."""
     from graphs.optimize import optimize_bundle
 
     optimize_bundle(bundle, out_dir, target=target, dtype=dtype, last_token_logits=last_token_logits,
-                    max_batch=max_batch, force=force, check=not no_check,
+                    quantize=quantize, max_batch=max_batch, force=force, check=not no_check,
                     progress=lambda message: click.echo(message, err=True))
 
 
@@ -222,6 +224,31 @@ def build_engine(bundle, max_batch, max_prompt, max_context, timing_cache, works
 
     build(bundle, max_batch=max_batch, max_prompt=max_prompt, max_context=max_context, timing_cache=timing_cache,
           workspace_gb=workspace_gb, progress=lambda message: click.echo(message, err=True))
+
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.option("--prompt-len", default=128, show_default=True)
+@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--batch", default=1, show_default=True)
+@BACKEND
+@click.option("--repeats", default=3, show_default=True, help="Timed repeats after one warm-up; medians are reported.")
+@click.option("--model", "model_dir", type=click.Path(path_type=str), default=None, help="Checkpoint for --backend torch.")
+@THREADS
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def bench(bundle, prompt_len, new_tokens, batch, backend, repeats, model_dir, threads, as_json) -> None:
+    """Measure prefill time and decode tokens/s of BUNDLE on a backend."""
+    import json as json_module
+
+    from runtime.bench import bench_bundle
+
+    if not as_json:
+        click.echo(f"benchmarking {bundle} on {backend} ({repeats} repeats after a warm-up) ...", err=True)
+    result = bench_bundle(bundle, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, backend=backend,
+                          repeats=repeats, threads=threads, model_dir=model_dir)
+    click.echo(json_module.dumps(result.to_json()) if as_json else result.summary())
 
 
 if __name__ == "__main__":

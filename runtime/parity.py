@@ -21,6 +21,15 @@ from exporter.errors import BigCodeError
 # bf16: the same reasoning with 8 significant bits: 4 * 2^-7 = 3e-2 relative, 0.125 absolute.
 TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 4e-3), "bf16": (1.25e-1, 3e-2)}
 
+# Weight-only quantized bundles are judged against the fp32 reference on what a user sees, not elementwise:
+# teacher-forced top-1 agreement over every real position, and the mean absolute logit error (over all
+# positions and the whole vocabulary). int8 must be tighter than int4. Calibrated on the trained default model
+# (see the closing note of the quantization work and README's benchmark section for the measured values).
+QUANTIZED_CRITERIA = {
+    "int8": {"min_top1": 0.97, "max_mean_abs": 0.05},
+    "int4": {"min_top1": 0.85, "max_mean_abs": 0.25},
+}
+
 
 class ParityError(BigCodeError):
     """A graph whose outputs disagree with the reference beyond tolerance."""

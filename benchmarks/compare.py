@@ -1,0 +1,220 @@
+"""The speed comparison, in one run, on one random-weight tiny_starcoder-shaped checkpoint.
+
+Runners: this runtime on the ort bundle (last-token logits), the portable bundle, the int8 and int4 bundles;
+the torch reference with its own KV cache; transformers 4.53 eager `generate`; and the memory-bound ceiling
+(GEMV read bandwidth measured in this run, over the weight bytes one decode step reads). Cases: context 128 and
+2048, batch 1 and 8. Writes benchmarks/results/<name>.md (table) and .png (per-token latency against context),
+and prints the table. Medians over repeats after a warm-up; ratios are within this run only.
+
+    .venv/bin/python benchmarks/compare.py [--cases 128x1,2048x1,128x8,2048x8] [--new-tokens 32] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporter.export import export_bundle
+from exporter.progress import quiet
+from graphs.optimize import optimize_bundle
+from runtime.bench import bench_bundle
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def make_checkpoint(path: Path, n_layer: int) -> Path:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPTBigCodeConfig(
+        vocab_size=49152, n_positions=8192, n_embd=768, n_layer=n_layer, n_head=12, n_inner=3072,
+        bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+    )
+    transformers.GPTBigCodeForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def gemv_bandwidth_gbs(threads: int, megabytes: int = 512, repeats: int = 20) -> float:
+    """Read bandwidth of a float32 matrix-vector product (torch.mv), the kernel shape of batch-1 decode."""
+    torch.set_num_threads(threads)
+    rows = megabytes * (1 << 20) // (4 * 4096)
+    w = torch.randn(rows, 4096)
+    x = torch.randn(4096)
+    for _ in range(3):
+        torch.mv(w, x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mv(w, x)
+        times.append(time.perf_counter() - start)
+    return w.numel() * 4 / statistics.median(times) / 1e9
+
+
+def bytes_per_step(checkpoint: Path, scheme: str) -> float:
+    """Weight bytes one decode step reads: every Linear weight and the lm_head (embedding rows are a gather)."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    E, L, V, inner = config["n_embd"], config["n_layer"], config["vocab_size"], config["n_inner"]
+    D = E // config["n_head"]
+    matmul_params = L * (E * (E + 2 * D) + E * E + 2 * E * inner) + E * V
+    per_param = {"fp32": 4.0, "int8": 1.0 + 4 / 32, "int4": 0.5 + 4 / 32}[scheme]  # + one fp32 scale per block of 32
+    return matmul_params * per_param
+
+
+def transformers_eager(checkpoint: Path, batch: int, prompt_len: int, new_tokens: int, repeats: int, threads: int) -> dict:
+    import transformers
+
+    torch.set_num_threads(threads)
+    model = transformers.GPTBigCodeForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    prefill, decode = [], []
+    for _ in range(repeats):
+        one, full = timed(1), timed(new_tokens)
+        prefill.append(one)
+        decode.append(batch * (new_tokens - 1) / max(full - one, 1e-9))
+    step_ms = 1000 * batch / statistics.median(decode)
+    return {"prefill_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "token_latency_ms": step_ms}
+
+
+def run_case(runner: str, bundles: dict, checkpoint: Path, batch: int, context: int, new_tokens: int, repeats: int,
+             threads: int) -> dict:
+    prompt = context - new_tokens
+    if runner == "transformers eager":
+        return transformers_eager(checkpoint, batch, prompt, new_tokens, repeats, threads)
+    bundle, backend = bundles[runner]
+    r = bench_bundle(bundle, prompt_len=prompt, new_tokens=new_tokens, batch=batch, backend=backend, repeats=repeats,
+                     threads=threads, model_dir=checkpoint)
+    return {"prefill_s": r.prefill_s, "decode_tok_s": r.decode_tok_s, "token_latency_ms": r.token_latency_ms}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", default="128x1,2048x1,128x8,2048x8", help="CONTEXTxBATCH,...")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=20, help="tiny_starcoder has 20")
+    parser.add_argument("--latency-contexts", default="128,512,1024,2048")
+    parser.add_argument("--name", default="tiny_starcoder_cpu")
+    parser.add_argument("--quick", action="store_true", help="2 layers, context 128 only: a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.layers, args.cases, args.latency_contexts, args.repeats, args.new_tokens = 2, "128x1", "128,256", 1, 8
+    cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
+
+    work = Path(tempfile.mkdtemp(prefix="bigcode-bench-"))
+    log(f"writing a random-weight tiny_starcoder-shaped checkpoint ({args.layers} layers) with transformers ...")
+    checkpoint = make_checkpoint(work / "checkpoint", args.layers)
+    log("exporting and optimizing bundles ...")
+    portable = export_bundle(checkpoint, work / "portable", check=False, progress=quiet)
+    bundles = {
+        "ours ort fp32": (optimize_bundle(portable, work / "ort", target="ort", last_token_logits=True, progress=quiet), "ort"),
+        "ours portable fp32": (portable, "ort"),
+        "ours ort int8": (optimize_bundle(portable, work / "int8", target="ort", last_token_logits=True, quantize="int8",
+                                          check=False, progress=quiet), "ort"),
+        "ours ort int4": (optimize_bundle(portable, work / "int4", target="ort", last_token_logits=True, quantize="int4",
+                                          check=False, progress=quiet), "ort"),
+        "torch reference (KV cache)": (portable, "torch"),
+    }
+    runners = [*bundles, "transformers eager"]
+
+    log(f"measuring GEMV read bandwidth ({args.threads} threads) ...")
+    bandwidth = gemv_bandwidth_gbs(args.threads)
+    ceilings = {s: bandwidth * 1e9 / bytes_per_step(checkpoint, s) for s in ("fp32", "int8", "int4")}
+
+    rows = []
+    for context, batch in cases:
+        for runner in runners:
+            log(f"  context {context}, batch {batch}: {runner} ...")
+            result = run_case(runner, bundles, checkpoint, batch, context, args.new_tokens, args.repeats, args.threads)
+            rows.append({"context": context, "batch": batch, "runner": runner, **result})
+    curve = {}
+    for runner in ("ours ort fp32", "ours ort int8", "ours ort int4", "transformers eager"):
+        for context in (int(c) for c in args.latency_contexts.split(",")):
+            log(f"  latency at context {context}: {runner} ...")
+            r = run_case(runner, bundles, checkpoint, 1, context, min(16, args.new_tokens), 1, args.threads)
+            curve.setdefault(runner, []).append((context, r["token_latency_ms"]))
+
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True,
+                         text=True).stdout.strip()
+    header = [
+        f"# Decode and prefill speed: {args.name}",
+        "",
+        f"Machine: {cpu or platform.processor()}, {args.threads} threads; torch {torch.__version__}; "
+        f"onnxruntime {__import__('onnxruntime').__version__}; random-weight GPTBigCode with tiny_starcoder shapes "
+        f"({args.layers} layers, width 768, 12 heads MQA, vocabulary 49152); greedy, {args.new_tokens} new tokens; "
+        f"medians of {args.repeats} repeats after a warm-up.",
+        "",
+        f"GEMV read bandwidth measured in this run: {bandwidth:.1f} GB/s. Memory-bound ceiling for batch-1 decode "
+        f"(bandwidth / weight bytes per step): fp32 {ceilings['fp32']:.1f}, int8 {ceilings['int8']:.1f}, "
+        f"int4 {ceilings['int4']:.1f} tokens/s.",
+        "",
+        "| context | batch | runner | prefill (s) | decode (tokens/s) | ms / step | vs transformers decode | vs ceiling (b=1) |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines = []
+    for row in rows:
+        ref = next(r for r in rows if r["context"] == row["context"] and r["batch"] == row["batch"]
+                   and r["runner"] == "transformers eager")
+        scheme = "int8" if "int8" in row["runner"] else "int4" if "int4" in row["runner"] else "fp32"
+        vs_ceiling = f"{row['decode_tok_s'] / ceilings[scheme]:.2f}" if row["batch"] == 1 else ""
+        lines.append(f"| {row['context']} | {row['batch']} | {row['runner']} | {row['prefill_s']:.3f} | "
+                     f"{row['decode_tok_s']:.1f} | {row['token_latency_ms']:.1f} | "
+                     f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}x | {vs_ceiling} |")
+    curve_lines = ["", "Per-token decode latency (ms, batch 1) against context length:", "",
+                   "| runner | " + " | ".join(str(c) for c, _ in next(iter(curve.values()))) + " |",
+                   "| --- |" + " ---: |" * len(next(iter(curve.values())))]
+    for runner, points in curve.items():
+        curve_lines.append(f"| {runner} | " + " | ".join(f"{ms:.1f}" for _, ms in points) + " |")
+    table = "\n".join(header + lines + curve_lines) + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.md").write_text(table)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"bandwidth_gbs": bandwidth, "ceilings": ceilings,
+                                                           "rows": rows, "curve": curve}, indent=2) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for runner, points in curve.items():
+            ax.plot([c for c, _ in points], [ms for _, ms in points], marker="o", label=runner)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("decode latency per token (ms), batch 1")
+        ax.set_title(f"{args.name}: per-token latency vs context")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"{args.name}.png", dpi=120)
+    except ImportError:
+        log("matplotlib is not installed: no plot (pip install matplotlib)")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
