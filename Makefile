@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR := out/demo
 
-.PHONY: setup demo test test-slow gpu-check clean
+.PHONY: setup demo test test-slow gpu-check capi cpp-example bench clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,19 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow -s
 
+capi: $(STAMP)
+	$(BIN)/python -m runtime.capi_build build/capi
+
+cpp-example: capi
+	cmake -S examples/cpp -B build/example -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/example
+	@echo "run: build/example/bigcode_generate BUNDLE --prompt 'def fibonacci(n):'"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/compare.py
+
 gpu-check: $(STAMP)
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) out build

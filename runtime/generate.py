@@ -10,7 +10,7 @@ import numpy as np
 
 from exporter.errors import BigCodeError
 from runtime.sampling import Sampler, SamplingOptions
-from runtime.session import DecodingSession
+from runtime.session import ContextOverflow, DecodingSession
 
 
 @dataclass(frozen=True)
@@ -53,17 +53,34 @@ def stop_ids(config: dict, options: GenerationOptions) -> set[int]:
 def stream(
     session: DecodingSession, prompts: list[list[int]], options: GenerationOptions, stats: GenerationStats | None = None
 ) -> Iterator[TokenEvent]:
-    """Yield each new token as it is chosen. A row ends at a stop token (which is yielded) or max_new_tokens."""
+    """Prefill the prompts, then yield each new token as it is chosen (see continue_stream)."""
     session.check_fits(prompts, options.max_new_tokens)
     stats = stats if stats is not None else GenerationStats()
-    sampler = Sampler(options.sampling)
-    stops = stop_ids(session_config(session), options)
-    seen = [np.asarray(p, dtype=np.int64) for p in prompts]
-    produced = np.zeros(len(prompts), dtype=np.int64)
-
     start = time.perf_counter()
     logits = session.prefill(prompts)
     stats.prefill_s = time.perf_counter() - start
+    yield from continue_stream(session, logits, prompts, options, stats)
+
+
+def continue_stream(
+    session: DecodingSession, logits: np.ndarray, prompts: list[list[int]], options: GenerationOptions,
+    stats: GenerationStats | None = None,
+) -> Iterator[TokenEvent]:
+    """From a prefilled session and its last logits (rows, vocab), yield each new token as it is chosen.
+
+    A row ends at a stop token (which is yielded) or after max_new_tokens; ended rows leave the batch.
+    `prompts` are the rows' tokens so far (for the repetition penalty).
+    """
+    if session.context_length + options.max_new_tokens > session.n_positions:
+        raise ContextOverflow(
+            f"{session.context_length} tokens of context plus max_new_tokens={options.max_new_tokens} exceed the "
+            f"model's context of {session.n_positions} positions; lower max_new_tokens"
+        )
+    stats = stats if stats is not None else GenerationStats()
+    sampler = Sampler(options.sampling)
+    stops = stop_ids(session.bundle.config, options)
+    seen = [np.asarray(p, dtype=np.int64) for p in prompts]
+    produced = np.zeros(len(prompts), dtype=np.int64)
     start = time.perf_counter()
     while True:
         rows = session.rows
@@ -82,10 +99,6 @@ def stream(
         logits = session.step(tokens[keep])
         stats.decode_tokens += int(keep.sum())
     stats.decode_s = time.perf_counter() - start
-
-
-def session_config(session: DecodingSession) -> dict:
-    return session.backend.bundle.config
 
 
 def generate(session: DecodingSession, prompts: list[list[int]], options: GenerationOptions,

@@ -28,6 +28,7 @@ class DecodingSession:
                 f"{bundle.manifest['task']!r}" + ("" if bundle.kv_cache else " without a cache (exported with --no-cache)")
             )
         self.backend = backend
+        self.bundle = bundle
         self.n_positions = bundle.config["n_positions"]
         self.vocab_size = bundle.config["vocab_size"]
         self.cache = None

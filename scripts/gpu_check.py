@@ -128,7 +128,7 @@ def main() -> int:
         print(f"ONNX Runtime CUDA: not checked: onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
               "(install onnxruntime-gpu)")
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt  # noqa: F401  (only whether it imports)
     except ImportError:
         print("TensorRT: not checked: `import tensorrt` fails here (no engine build, no TensorRT parity)")
     else:

@@ -1,0 +1,102 @@
+/*
+ * bigcode_runtime.h: the C ABI of the bigcode-deploy runtime.
+ *
+ * Open a deployment bundle, create generation sessions, prefill prompts (token ids or text), generate with a
+ * per-token callback (streaming), read the last logits, and close. Any C or C++ compiler can use this header;
+ * link with libbigcode_runtime.so (built by `make capi`).
+ *
+ * Implementation: the library embeds the Python runtime (CPython through cffi's embedding mode), which starts
+ * on the first call in the process and drives ONNX Runtime (or TensorRT) exactly as the Python API does.
+ *
+ * Status and errors: every call that can fail returns a bcr_status; on failure, bcr_last_error() returns a
+ * message for the calling thread (valid until that thread's next call into this library).
+ *
+ * Ownership: handles are opaque. A bcr_bundle is owned by the caller from bcr_bundle_open until
+ * bcr_bundle_close; a bcr_session from bcr_session_create until bcr_session_close, and must be closed before
+ * its bundle. Strings passed in are copied; strings returned (bcr_last_error, bcr_version, the callback's text)
+ * are owned by the library.
+ *
+ * Threads: every function may be called from any thread. Calls hold Python's global interpreter lock while
+ * they run Python code; ONNX Runtime releases it while it computes, so sessions on different threads overlap
+ * their graph runs but not their Python work (sampling, bookkeeping). One session must not be used by two
+ * threads at once, except bcr_session_cancel, which any thread may call at any time.
+ */
+#ifndef BIGCODE_RUNTIME_H
+#define BIGCODE_RUNTIME_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum bcr_status {
+    BCR_OK = 0,
+    BCR_ERR_INVALID_ARGUMENT = 1,     /* a NULL handle or pointer, a bad option value, an out-of-vocabulary id */
+    BCR_ERR_BAD_BUNDLE = 2,           /* a missing path or file, another format version, a graph hash mismatch */
+    BCR_ERR_CONTEXT_OVERFLOW = 3,     /* prompt plus max_new_tokens beyond the model's context */
+    BCR_ERR_BACKEND_UNAVAILABLE = 4,  /* e.g. backend "tensorrt" without TensorRT or a GPU */
+    BCR_ERR_CANCELLED = 5,            /* bcr_session_cancel was called, or the callback returned non-zero */
+    BCR_ERR_STATE = 6,                /* a call out of order, e.g. generate before prefill */
+    BCR_ERR_INTERNAL = 7              /* a bug: the message carries the Python exception */
+} bcr_status;
+
+typedef struct bcr_bundle bcr_bundle;
+typedef struct bcr_session bcr_session;
+
+typedef struct bcr_open_options {
+    const char *backend; /* "ort" (default when NULL), "torch" or "tensorrt" */
+    int32_t threads;     /* intra-op threads; 0: the library's default */
+} bcr_open_options;
+
+typedef struct bcr_sampling_options {
+    int32_t max_new_tokens;         /* >= 1 */
+    float temperature;              /* 0: greedy */
+    int32_t top_k;                  /* 0: off */
+    float top_p;                    /* 1: off */
+    float repetition_penalty;       /* 1: off */
+    int64_t seed;                   /* used when has_seed is non-zero */
+    int32_t has_seed;
+    const int32_t *stop_token_ids;  /* NULL with num_stop_token_ids 0: the model's eos; num < 0: no stop token */
+    int32_t num_stop_token_ids;
+} bcr_sampling_options;
+
+/* Called once per new token, in order. text is the token's decoded text when the bundle has a tokenizer (may be
+ * "" while a multi-byte character is incomplete), else NULL. Return non-zero to cancel the generation. */
+typedef int32_t (*bcr_token_callback)(void *user_data, int32_t row, int32_t token, const char *text,
+                                      int32_t finished);
+
+/* Library */
+const char *bcr_version(void);
+const char *bcr_last_error(void);
+void bcr_sampling_options_default(bcr_sampling_options *options); /* greedy, 32 tokens, eos stops */
+
+/* Bundles */
+bcr_status bcr_bundle_open(const char *path, const bcr_open_options *options, bcr_bundle **out);
+/* A JSON object: task, dtype, target, vocab_size, n_positions, has_tokenizer, and parity.json when present.
+ * Writes at most capacity bytes including the terminating NUL; *needed (if not NULL) gets the full size. */
+bcr_status bcr_bundle_info(bcr_bundle *bundle, char *buffer, size_t capacity, size_t *needed);
+void bcr_bundle_close(bcr_bundle *bundle);
+
+/* Sessions */
+bcr_status bcr_session_create(bcr_bundle *bundle, bcr_session **out);
+bcr_status bcr_session_prefill_ids(bcr_session *session, const int32_t *const *prompts, const int32_t *lengths,
+                                   int32_t batch);
+bcr_status bcr_session_prefill_text(bcr_session *session, const char *text);
+/* Generate from the prefilled rows; *generated (if not NULL) gets the number of tokens produced (all rows). */
+bcr_status bcr_session_generate(bcr_session *session, const bcr_sampling_options *options,
+                                bcr_token_callback callback, void *user_data, int32_t *generated);
+/* One cached decode step: one token per active row. */
+bcr_status bcr_session_step(bcr_session *session, const int32_t *tokens, int32_t count);
+/* The last logits, row-major (rows x vocab), float32. capacity is in floats. */
+bcr_status bcr_session_last_logits(bcr_session *session, float *out, size_t capacity, int32_t *rows,
+                                   int32_t *vocab);
+bcr_status bcr_session_cancel(bcr_session *session);
+void bcr_session_close(bcr_session *session);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* BIGCODE_RUNTIME_H */
