@@ -6,6 +6,7 @@ that cannot run (no onnxruntime-gpu, no tensorrt) prints one line saying what is
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import tempfile
@@ -127,9 +128,7 @@ def main() -> int:
     else:
         print(f"ONNX Runtime CUDA: not checked: onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
               "(install onnxruntime-gpu)")
-    try:
-        import tensorrt  # noqa: F401  (only whether it imports)
-    except ImportError:
+    if importlib.util.find_spec("tensorrt") is None:
         print("TensorRT: not checked: `import tensorrt` fails here (no engine build, no TensorRT parity)")
     else:
         from graphs.optimize import optimize_bundle
