@@ -25,8 +25,9 @@ from graphs import quantize_weights
 from graphs.lint import lint_tensorrt
 from graphs.pipeline import run_passes
 from runtime.backends import OrtBackend
-from runtime.bundle import Bundle, position_ids, sha256_file
-from runtime.parity import QUANTIZED_CRITERIA, TOLERANCES, ParityError, compare
+from runtime.bundle import Bundle, sha256_file
+from runtime.parity import QUANTIZED_CRITERIA, TOLERANCES, ParityError
+from runtime.verify import VerifyReport, teacher_forced
 
 GRAPH_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 NOT_COPIED = {GRAPH_FILE, DATA_FILE, "manifest.json", "parity.json"}
@@ -60,64 +61,35 @@ def _reexport(bundle: Bundle, dtype: str, workdir: Path, progress: Progress) -> 
 
 
 def compare_bundles(new: Bundle, old: Bundle, steps: int = 2) -> str:
-    """Run both graphs on ORT over a left-padded batch (prefill + cached steps). Returns a one-line summary.
+    """Both graphs on ORT, teacher-forced over a left-padded batch (prefill + cached steps). Returns a summary.
 
     Elementwise within the dtype's tolerance; a quantized graph instead by QUANTIZED_CRITERIA (top-1 agreement
     and mean abs logit error against the input bundle).
     """
     atol, rtol = TOLERANCES[new.manifest["dtype"]]
-    quantization = new.manifest.get("quantization")
-    criteria = QUANTIZED_CRITERIA[quantization["scheme"]] if quantization else None
-    vocab = new.config["vocab_size"]
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, vocab, (3, 6)).astype(np.int64)
-    mask = np.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :5] = 0
-    feeds = {"input_ids": ids, "attention_mask": mask, **old.empty_past(3)}
-    feeds_new = dict(feeds)
-    worst, agree, total, abs_sum, abs_n = 0.0, 0, 0, 0.0, 0
-    past_names, present_names = old.past_names(), old.present_names()
-    with OrtBackend(new) as run_new, OrtBackend(old) as run_old:
-        for s in range(steps + 1 if past_names else 1):
-            if "position_ids" in old.input_names:
-                past = feeds["attention_mask"].shape[1] - feeds["input_ids"].shape[1]
-                feeds["position_ids"] = feeds_new["position_ids"] = position_ids(feeds["attention_mask"], past)
-            out_old, out_new = run_old.run(feeds), run_new.run(feeds_new)
-            for name in old.output_names:
-                expected, actual = out_old[name], out_new[name]
-                if name == "logits" and actual.ndim == 3 and actual.shape[1] == 1 != expected.shape[1]:
-                    expected = expected[:, -1:]  # last-token logits
-                actual, expected = actual.astype(np.float32), expected.astype(np.float32)
-                c = compare(name, actual, expected, atol, rtol)
-                worst = max(worst, c.max_abs)
-                if criteria is not None:
-                    if name == "logits":
-                        agree += int((actual.argmax(-1) == expected.argmax(-1)).sum())
-                        total += actual.shape[0] * actual.shape[1]
-                        abs_sum += float(np.abs(actual - expected).sum())
-                        abs_n += actual.size
-                elif not c.ok:
-                    raise ParityError(
-                        f"the optimized graph disagrees with the input bundle at step {s} on {name}: max abs diff "
-                        f"{c.max_abs:.3g} beyond abs {atol:g} and rel {rtol:g}"
-                    )
-            if not past_names:
-                break
-            next_ids = out_old["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
-            grown = np.concatenate([feeds["attention_mask"], np.ones_like(next_ids)], axis=1)
-            feeds = {"input_ids": next_ids, "attention_mask": grown,
-                     **{p: out_old[q] for p, q in zip(past_names, present_names)}}
-            feeds_new = {"input_ids": next_ids, "attention_mask": grown,
-                         **{p: out_new[q] for p, q in zip(past_names, present_names)}}
-    if criteria is None:
-        return f"parity ok against the input bundle: worst max abs diff {worst:.3g}"
-    top1, mean_abs = agree / total, abs_sum / abs_n
-    summary = (f"top-1 agreement {top1:.3f} (needs >= {criteria['min_top1']}), mean abs logit error {mean_abs:.4f} "
-               f"(needs <= {criteria['max_mean_abs']})")
-    if top1 < criteria["min_top1"] or mean_abs > criteria["max_mean_abs"]:
-        raise ParityError(f"the {quantization['scheme']} graph is too far from the input bundle: {summary}")
-    return f"quantized parity ok against the input bundle: {summary}"
+    prompts = [rng.integers(0, new.config["vocab_size"], n).tolist() for n in (6, 3, 1)]
+    with OrtBackend(old) as reference, OrtBackend(new) as candidate:
+        report = VerifyReport(backend="ort", dtype=new.manifest["dtype"], atol=atol, rtol=rtol,
+                              prompt_lengths=[len(p) for p in prompts],
+                              steps=teacher_forced(reference, candidate, old, prompts, steps, atol, rtol))
+    quantization = new.manifest.get("quantization")
+    if quantization:
+        report.quantized = QUANTIZED_CRITERIA[quantization["scheme"]]
+        summary = (f"top-1 agreement {report.top1_agreement:.3f} (needs >= {report.quantized['min_top1']}), mean abs "
+                   f"logit error {report.mean_abs_logit_error:.4f} (needs <= {report.quantized['max_mean_abs']})")
+        if not report.ok:
+            raise ParityError(f"the {quantization['scheme']} graph is too far from the input bundle: {summary}")
+        return f"quantized parity ok against the input bundle: {summary}"
+    for s in report.steps:
+        for c in (s.logits, s.presents):
+            if c is not None and not c.ok:
+                raise ParityError(
+                    f"the optimized graph disagrees with the input bundle at step {s.step} on {c.name}: max abs diff "
+                    f"{c.max_abs:.3g} beyond abs {atol:g} and rel {rtol:g}"
+                )
+    worst = max(max(s.logits.max_abs, s.presents.max_abs if s.presents else 0.0) for s in report.steps)
+    return f"parity ok against the input bundle: worst max abs diff {worst:.3g}"
 
 
 def optimize_bundle(

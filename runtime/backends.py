@@ -96,11 +96,12 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, bundle: Bundle, model_dir: str | Path | None = None, threads: int = 0):
+    def __init__(self, bundle: Bundle, model_dir: str | Path | None = None, threads: int = 0, model=None):
+        """model: an already-loaded reference model of the bundle's task and dtype (skips loading)."""
         self.bundle = bundle
         self.model_dir = model_dir
         self.threads = threads
-        self.model = None
+        self.model = model
 
     def __enter__(self) -> "TorchBackend":
         import torch
@@ -109,6 +110,8 @@ class TorchBackend:
 
         if self.threads:
             torch.set_num_threads(self.threads)
+        if self.model is not None:
+            return self
         manifest = self.bundle.manifest
         model_dir = self.model_dir or manifest["source"]["model_dir"]
         if not Path(model_dir).is_dir():

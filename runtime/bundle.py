@@ -115,6 +115,17 @@ def position_ids(attention_mask: np.ndarray, past_length: int) -> np.ndarray:
     return positions[:, past_length:].astype(np.int64)
 
 
+def left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask (B, T) for prompts of different lengths, left-padded with id 0."""
+    T = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), T), dtype=np.int64)
+    mask = np.zeros((len(prompts), T), dtype=np.int64)
+    for row, p in enumerate(prompts):
+        ids[row, T - len(p):] = p
+        mask[row, T - len(p):] = 1
+    return ids, mask
+
+
 def numpy_to_torch(array: np.ndarray):
     """torch.from_numpy, also for bfloat16 arrays (ml_dtypes), which numpy itself does not know."""
     import torch

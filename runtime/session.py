@@ -11,10 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from exporter.errors import BigCodeError
-from runtime.bundle import Bundle, position_ids
-
-PAD_TOKEN = 0  # any valid id: padded slots are masked out
-
+from runtime.bundle import Bundle, left_pad, position_ids
 
 class ContextOverflow(BigCodeError):
     """A prompt plus the tokens to generate would exceed the model's context."""
@@ -57,16 +54,12 @@ class DecodingSession:
             if bad:
                 raise BigCodeError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         self.check_fits(prompts, 0)
-        B, T = len(prompts), max(len(p) for p in prompts)
-        input_ids = np.full((B, T), PAD_TOKEN, dtype=np.int64)
-        mask = np.zeros((B, T), dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, T - len(prompt):] = prompt
-            mask[row, T - len(prompt):] = 1
-        logits, self.cache = self.backend.step(input_ids, mask, position_ids(mask, 0), self.backend.empty_cache(B))
+        input_ids, mask = left_pad(prompts)  # (B, T) each
+        logits, self.cache = self.backend.step(input_ids, mask, position_ids(mask, 0),
+                                               self.backend.empty_cache(len(prompts)))
         self.attention_mask = mask
         self.next_position = mask.sum(1)  # the next token's position: the count of real tokens so far
-        self.rows = np.arange(B)
+        self.rows = np.arange(len(prompts))
         return logits
 
     def step(self, tokens: np.ndarray) -> np.ndarray:

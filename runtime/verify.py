@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.backends import TorchBackend, open_backend
-from runtime.bundle import Bundle, position_ids
+from runtime.bundle import Bundle, left_pad, position_ids
 from runtime.generate import GenerationOptions, generate
 from runtime.parity import QUANTIZED_CRITERIA, TOLERANCES, Comparison, ParityError, compare
 from runtime.session import DecodingSession
@@ -119,16 +119,6 @@ def mixed_prompts(vocab_size: int, n_positions: int, seed: int = 0) -> list[list
     return [rng.integers(0, vocab_size, n).tolist() for n in (longest, max(1, longest // 2), 1)]
 
 
-def _left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    T = max(len(p) for p in prompts)
-    ids = np.zeros((len(prompts), T), dtype=np.int64)
-    mask = np.zeros((len(prompts), T), dtype=np.int64)
-    for row, p in enumerate(prompts):
-        ids[row, T - len(p):] = p
-        mask[row, T - len(p):] = 1
-    return ids, mask
-
-
 def _topk_agreement(candidate: np.ndarray, reference: np.ndarray, k: int) -> float:
     """Share of rows whose reference top-1 token is in the candidate's top-k. (B, V) each."""
     ref_top1 = reference.argmax(-1)
@@ -147,6 +137,59 @@ def _merge(comparisons: list[Comparison], name: str) -> Comparison:
     )
 
 
+def teacher_forced(reference, candidate, bundle: Bundle, prompts: list[list[int]], steps: int, atol: float,
+                   rtol: float) -> list[StepReport]:
+    """Run both backends (`run`: named arrays in and out) on the same tokens: the prompts, then `steps` cached
+    decode steps whose tokens are the reference's greedy choices. Each side feeds back its own presents.
+
+    The main output (logits or hidden states) is compared at the real (non-pad) positions; a candidate with
+    last-token logits is compared at the last position; a pooled (B, labels) output as a whole.
+    """
+    past_names, present_names = bundle.past_names(), bundle.present_names()
+    main_name = bundle.output_names[0]
+    ids, mask = left_pad(prompts)
+    feeds_ref = {"input_ids": ids, "attention_mask": mask, **bundle.empty_past(len(prompts))}
+    feeds_cand = dict(feeds_ref)
+    new_mask = mask  # which of this step's new positions are real tokens
+    reports = []
+    for step in range(steps + 1 if past_names else 1):
+        past_length = feeds_ref["attention_mask"].shape[1] - feeds_ref["input_ids"].shape[1]
+        if "position_ids" in bundle.input_names:
+            positions = position_ids(feeds_ref["attention_mask"], past_length)
+            feeds_ref["position_ids"] = feeds_cand["position_ids"] = positions
+        out_ref, out_cand = reference.run(feeds_ref), candidate.run(feeds_cand)
+        ref_main = out_ref[main_name].astype(np.float32)
+        cand_main = out_cand[main_name].astype(np.float32)
+        if ref_main.ndim == 3:
+            real = new_mask.astype(bool)
+            if cand_main.shape[1] != ref_main.shape[1]:  # a bundle with last-token logits
+                ref_main, real = ref_main[:, -1:], real[:, -1:]
+            ref_rows, cand_rows = ref_main[real], cand_main[real]  # (real positions, V)
+            ref_last, cand_last = ref_main[:, -1], cand_main[:, -1]
+        else:
+            ref_rows = ref_last = ref_main
+            cand_rows = cand_last = cand_main
+        presents_cmp = _merge([compare(n, out_cand[n], out_ref[n], atol, rtol) for n in present_names],
+                              "presents") if present_names else None
+        reports.append(StepReport(
+            step, compare(main_name, cand_rows, ref_rows, atol, rtol), presents_cmp,
+            top1=_topk_agreement(cand_last, ref_last, 1),
+            top5=_topk_agreement(cand_last, ref_last, 5),
+            top1_all=_topk_agreement(cand_rows, ref_rows, 1),
+            positions=int(ref_rows.shape[0]),
+        ))
+        if step == steps or not past_names:
+            break
+        next_ids = ref_last.argmax(-1)[:, None].astype(np.int64)  # teacher forcing
+        new_mask = np.ones_like(next_ids)
+        grown = np.concatenate([feeds_ref["attention_mask"], new_mask], axis=1)
+        feeds_ref = {"input_ids": next_ids, "attention_mask": grown,
+                     **{p: out_ref[q] for p, q in zip(past_names, present_names)}}
+        feeds_cand = {"input_ids": next_ids, "attention_mask": grown,
+                      **{p: out_cand[q] for p, q in zip(past_names, present_names)}}
+    return reports
+
+
 def verify_bundle(
     bundle_path: str | Path, *, model_dir: str | Path | None = None, backend: str = "ort", steps: int = 4,
     greedy_tokens: int = 8, seed: int = 0, threads: int = 0, write: bool = True,
@@ -161,49 +204,13 @@ def verify_bundle(
     report = VerifyReport(backend=backend, dtype=dtype, atol=atol, rtol=rtol, prompt_lengths=[len(p) for p in prompts])
     if bundle.manifest.get("quantization"):
         report.quantized = QUANTIZED_CRITERIA[bundle.manifest["quantization"]["scheme"]]
-    past_names, present_names = bundle.past_names(), bundle.present_names()
-    main_name = bundle.output_names[0]
-
     with TorchBackend(bundle, model_dir=model_dir, threads=threads) as reference, \
             open_backend(bundle, backend, model_dir=model_dir, threads=threads) as candidate:
-        ids, mask = _left_pad(prompts)
-        feeds_ref = {"input_ids": ids, "attention_mask": mask, **bundle.empty_past(len(prompts))}
-        feeds_cand = dict(feeds_ref)
-        new_mask = mask  # which of this step's new positions are real tokens
-        for step in range(steps + 1):
-            past_length = feeds_ref["attention_mask"].shape[1] - feeds_ref["input_ids"].shape[1]
-            if "position_ids" in bundle.input_names:
-                positions = position_ids(feeds_ref["attention_mask"], past_length)
-                feeds_ref["position_ids"] = feeds_cand["position_ids"] = positions
-            out_ref, out_cand = reference.run(feeds_ref), candidate.run(feeds_cand)
-            real = new_mask.astype(bool)
-            ref_logits = out_ref[main_name].astype(np.float32)
-            cand_logits = out_cand[main_name].astype(np.float32)
-            if cand_logits.shape[1] != ref_logits.shape[1]:  # a bundle with last-token logits
-                ref_logits, real = ref_logits[:, -1:], real[:, -1:]
-            logits_cmp = compare("logits", cand_logits[real], ref_logits[real], atol, rtol)
-            presents_cmp = _merge([compare(n, out_cand[n], out_ref[n], atol, rtol) for n in present_names],
-                                  "presents") if present_names else None
-            report.steps.append(StepReport(
-                step, logits_cmp, presents_cmp,
-                top1=_topk_agreement(cand_logits[:, -1], ref_logits[:, -1], 1),
-                top5=_topk_agreement(cand_logits[:, -1], ref_logits[:, -1], 5),
-                top1_all=_topk_agreement(cand_logits[real], ref_logits[real], 1),
-                positions=int(real.sum()),
-            ))
-            if not past_names or step == steps:
-                break
-            next_ids = ref_logits[:, -1].argmax(-1)[:, None].astype(np.int64)  # teacher forcing
-            new_mask = np.ones_like(next_ids)
-            grown = np.concatenate([feeds_ref["attention_mask"], new_mask], axis=1)
-            feeds_ref = {"input_ids": next_ids, "attention_mask": grown, **{p: out_ref[q] for p, q in zip(past_names, present_names)}}
-            feeds_cand = {"input_ids": next_ids, "attention_mask": grown, **{p: out_cand[q] for p, q in zip(past_names, present_names)}}
-
-        if past_names and greedy_tokens > 0:
+        report.steps = teacher_forced(reference, candidate, bundle, prompts, steps, atol, rtol)
+        if bundle.past_names() and greedy_tokens > 0:
             options = GenerationOptions(max_new_tokens=greedy_tokens, stop_token_ids=())
             report.greedy_reference = generate(DecodingSession(reference, bundle), prompts, options)
             report.greedy_candidate = generate(DecodingSession(candidate, bundle), prompts, options)
-
     if write:
         _write_json_atomic(bundle.path / "parity.json", report.to_json())
     return report
