@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/bigcode-deploy export $(DEMO_DIR) --force
-	$(BIN)/bigcode-deploy inspect $(DEMO_DIR)
-	$(BIN)/bigcode-deploy verify $(DEMO_DIR)
-	$(BIN)/bigcode-deploy generate $(DEMO_DIR) --ids 1,2,3,4,5 --max-new-tokens 16
+	$(BIN)/bigcode-deploy optimize $(DEMO_DIR) $(DEMO_DIR)-ort --target ort --last-token-logits --force
+	$(BIN)/bigcode-deploy verify $(DEMO_DIR)-ort
+	$(BIN)/bigcode-deploy generate $(DEMO_DIR)-ort --prompt 'def fibonacci(n):' --max-new-tokens 64 --repetition-penalty 1.3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -23,11 +23,13 @@ TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 4e-3), "bf16": (1.25e-1, 3e-2
 
 # Weight-only quantized bundles are judged against the fp32 reference on what a user sees, not elementwise:
 # teacher-forced top-1 agreement over every real position, and the mean absolute logit error (over all
-# positions and the whole vocabulary). int8 must be tighter than int4. Calibrated on the trained default model
-# (see the closing note of the quantization work and README's benchmark section for the measured values).
+# positions and the whole vocabulary). int8 must be tighter than int4. Measured on the trained default model
+# (verify, 8 decode steps, random-id prompts, onnxruntime 1.32 on this CPU): int8 top-1 1.000 and mean abs
+# 0.019; int4 top-1 0.884 and mean abs 0.153 (its logits span about +-10). The bounds leave room for
+# MatMulNBits' int8-activation kernels, which differ between CPU instruction sets.
 QUANTIZED_CRITERIA = {
     "int8": {"min_top1": 0.97, "max_mean_abs": 0.05},
-    "int4": {"min_top1": 0.85, "max_mean_abs": 0.25},
+    "int4": {"min_top1": 0.80, "max_mean_abs": 0.25},
 }
 
 

@@ -1,6 +1,8 @@
 // Stream a completion from a deployment bundle through the C ABI, then print tokens/s.
 //   bigcode_generate BUNDLE (--prompt TEXT | --ids 1,2,3) [--max-new-tokens N] [--temperature T] [--seed S]
-// Uses only bigcode_runtime.h. Token ids are printed comma-separated when the bundle has no tokenizer.
+//                   [--print-ids 1]
+// Uses only bigcode_runtime.h. Token ids are printed comma-separated when the bundle has no tokenizer or
+// --print-ids 1 is given; the completion's text otherwise.
 #include <bigcode_runtime.h>
 
 #include <chrono>
@@ -19,13 +21,13 @@ int fail(const char *what) {
 }
 
 struct Stream {
-    bool has_text = false;
+    bool print_ids = false;
     bool first = true;
 };
 
 int32_t on_token(void *user_data, int32_t /*row*/, int32_t token, const char *text, int32_t /*finished*/) {
     auto *stream = static_cast<Stream *>(user_data);
-    if (text != nullptr) {
+    if (text != nullptr && !stream->print_ids) {
         std::fputs(text, stdout);
     } else {
         std::printf(stream->first ? "%d" : ",%d", token);
@@ -40,7 +42,7 @@ int32_t on_token(void *user_data, int32_t /*row*/, int32_t token, const char *te
 int main(int argc, char **argv) {
     if (argc < 2) {
         std::fprintf(stderr, "usage: %s BUNDLE (--prompt TEXT | --ids 1,2,3) [--max-new-tokens N] "
-                             "[--temperature T] [--seed S]\n", argv[0]);
+                             "[--temperature T] [--seed S] [--print-ids 1]\n", argv[0]);
         return 2;
     }
     const char *bundle_path = argv[1];
@@ -48,6 +50,7 @@ int main(int argc, char **argv) {
     std::vector<int32_t> ids;
     bcr_sampling_options options;
     bcr_sampling_options_default(&options);
+    Stream stream;
     for (int i = 2; i + 1 < argc; i += 2) {
         std::string flag = argv[i];
         const char *value = argv[i + 1];
@@ -60,6 +63,8 @@ int main(int argc, char **argv) {
             options.max_new_tokens = std::atoi(value);
         } else if (flag == "--temperature") {
             options.temperature = static_cast<float>(std::atof(value));
+        } else if (flag == "--print-ids") {
+            stream.print_ids = std::atoi(value) != 0;
         } else if (flag == "--seed") {
             options.seed = std::atoll(value);
             options.has_seed = 1;
@@ -81,13 +86,12 @@ int main(int argc, char **argv) {
         const int32_t lengths[] = {static_cast<int32_t>(ids.size())};
         status = bcr_session_prefill_ids(session, rows, lengths, 1);
     } else {
-        std::fputs(prompt.c_str(), stdout);
+        if (!stream.print_ids) std::fputs(prompt.c_str(), stdout);
         status = bcr_session_prefill_text(session, prompt.c_str());
     }
     if (status != BCR_OK) return fail("prefill");
     auto prefilled = std::chrono::steady_clock::now();
 
-    Stream stream;
     int32_t generated = 0;
     if (bcr_session_generate(session, &options, on_token, &stream, &generated) != BCR_OK) return fail("generate");
     auto done = std::chrono::steady_clock::now();

@@ -39,6 +39,7 @@ def built(tmp_path_factory):
 
 def test_error_paths_return_documented_codes_and_messages(built):
     _, bundle, checks, _ = built
+    config = json.loads((bundle / "manifest.json").read_text())["config"]
     result = subprocess.run([str(checks), str(bundle)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     got = {}
@@ -55,9 +56,9 @@ def test_error_paths_return_documented_codes_and_messages(built):
         "info_small_buffer": ("INVALID_ARGUMENT", "buffer too small"),
         "generate_before_prefill": ("STATE", "needs a prefill first"),
         "prefill_out_of_vocab": ("INVALID_ARGUMENT", "token id 999999 is outside the vocabulary"),
-        "logits_small_buffer": ("INVALID_ARGUMENT", "out must hold 1024 floats"),
+        "logits_small_buffer": ("INVALID_ARGUMENT", f"out must hold {config['vocab_size']} floats"),
         "logits": ("OK", ""),
-        "context_overflow": ("CONTEXT_OVERFLOW", "exceed the model's context of 256 positions"),
+        "context_overflow": ("CONTEXT_OVERFLOW", f"exceed the model's context of {config['n_positions']} positions"),
         "cancel_by_callback": ("CANCELLED", "cancelled by the token callback"),
         "use_after_close": ("STATE", "not an open handle"),
     }
@@ -65,7 +66,7 @@ def test_error_paths_return_documented_codes_and_messages(built):
         assert got[name][0] == STATUS[status], (name, got[name])
         assert message in got[name][1], (name, got[name])
     info = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("INFO "))[5:])
-    assert info["task"] == "causal-lm" and info["vocab_size"] == 1024 and info["backend"] == "ort"
+    assert info["task"] == "causal-lm" and info["vocab_size"] == config["vocab_size"] and info["backend"] == "ort"
 
 
 def test_hundred_sessions_do_not_grow_memory(built):
@@ -82,7 +83,8 @@ def test_cpp_example_tokens_equal_python_runtime(built, extra, sampling):
     _, bundle, _, example = built
     if example is None:
         pytest.skip("cmake is not installed: the C++ example cannot be built here")
-    result = subprocess.run([str(example), str(bundle), "--ids", "5,6,7", "--max-new-tokens", "12", *extra],
+    result = subprocess.run([str(example), str(bundle), "--ids", "5,6,7", "--max-new-tokens", "12", "--print-ids", "1",
+                             *extra],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "tokens/s" in result.stderr
@@ -90,3 +92,16 @@ def test_cpp_example_tokens_equal_python_runtime(built, extra, sampling):
     with open_generator(bundle) as g:
         expected = g.generate([[5, 6, 7]], max_new_tokens=12, **sampling)[0]
     assert tokens == expected
+
+
+def test_cpp_example_streams_text(built):
+    _, bundle, _, example = built
+    if example is None:
+        pytest.skip("cmake is not installed: the C++ example cannot be built here")
+    result = subprocess.run([str(example), str(bundle), "--prompt", "def add(a, b):", "--max-new-tokens", "16"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with open_generator(bundle) as g:
+        pieces, _ = g.stream_text("def add(a, b):", max_new_tokens=16)
+        expected = "".join(pieces)
+    assert result.stdout == "def add(a, b):" + expected + "\n"

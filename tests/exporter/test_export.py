@@ -230,8 +230,9 @@ def test_cli_export_default_model_then_inspect(tmp_path):
     assert "parity ok" in result.output and "exporting to ONNX" in result.output  # progress is shown
     result = runner.invoke(main, ["inspect", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
-    assert "bigcode    FusedMaskedSoftmax           2" in result.output
-    assert "past_key_values.1.key_value" in result.output
+    layers = json.loads((tmp_path / "b" / "manifest.json").read_text())["config"]["n_layer"]
+    assert f"bigcode    FusedMaskedSoftmax           {layers}" in result.output
+    assert f"past_key_values.{layers - 1}.key_value" in result.output
     # Same command under its second name; an existing OUT_DIR is refused without --force and replaced with it.
     result = runner.invoke(export_to_onnx_main, [str(tmp_path / "b")])
     assert result.exit_code == 2 and "already exists" in result.output and "--force" in result.output

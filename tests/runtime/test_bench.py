@@ -20,5 +20,6 @@ def test_bench_json_reports_medians(tmp_path):
 
 def test_bench_context_overflow_is_one_line(tmp_path):
     bundle = export_bundle(None, tmp_path / "b", check=False, progress=quiet)
-    result = CliRunner().invoke(main, ["bench", str(bundle), "--prompt-len", "250", "--new-tokens", "10"])
+    n_positions = json.loads((bundle / "manifest.json").read_text())["config"]["n_positions"]
+    result = CliRunner().invoke(main, ["bench", str(bundle), "--prompt-len", str(n_positions - 5), "--new-tokens", "10"])
     assert result.exit_code == 2 and "exceeds the model's context" in result.output
