@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from exporter.export import export_bundle
@@ -47,20 +48,83 @@ def make_checkpoint(path: Path, n_layer: int) -> Path:
     return path
 
 
-def gemv_bandwidth_gbs(threads: int, megabytes: int = 512, repeats: int = 20) -> float:
-    """Read bandwidth of a float32 matrix-vector product (torch.mv), the kernel shape of batch-1 decode."""
-    torch.set_num_threads(threads)
-    rows = megabytes * (1 << 20) // (4 * 4096)
-    w = torch.randn(rows, 4096)
-    x = torch.randn(4096)
-    for _ in range(3):
-        torch.mv(w, x)
+def step_shapes(checkpoint: Path) -> list[tuple[int, int]]:
+    """(K, N) of every weight one decode step multiplies by: 4 per layer, then the lm_head."""
+    c = json.loads((checkpoint / "config.json").read_text())
+    E, inner, D = c["n_embd"], c["n_inner"], c["n_embd"] // c["n_head"]
+    return [(E, E + 2 * D), (E, E), (E, inner), (inner, E)] * c["n_layer"] + [(E, c["vocab_size"])]
+
+
+def model_shaped_gemv_gbs(shapes: list[tuple[int, int]], threads: int, repeats: int = 7) -> float:
+    """ONNX Runtime MatMuls of a vector by each weight of one step, in one graph: the bytes one step must read,
+    read by the same kernels, with none of the model's other work."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, inputs, outputs = [], [], {}, []
+    for i, (K, N) in enumerate(shapes):
+        if K not in inputs:
+            inputs[K] = helper.make_tensor_value_info(f"x{K}", TensorProto.FLOAT, [1, K])
+        inits.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, [K, N],
+                                        rng.standard_normal((K, N), dtype=np.float32).tobytes(), raw=True))
+        nodes.append(helper.make_node("MatMul", [f"x{K}", f"w{i}"], [f"y{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, N]))
+    model = helper.make_model(helper.make_graph(nodes, "step", list(inputs.values()), outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del model, inits
+    feeds = {f"x{K}": np.ones((1, K), dtype=np.float32) for K in inputs}
+    for _ in range(2):
+        session.run(None, feeds)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.mv(w, x)
+        session.run(None, feeds)
         times.append(time.perf_counter() - start)
-    return w.numel() * 4 / statistics.median(times) / 1e9
+    return sum(K * N * 4 for K, N in shapes) / statistics.median(times) / 1e9
+
+
+def gemv_bandwidth_gbs(threads: int, megabytes: int = 384, repeats: int = 15) -> dict[str, float]:
+    """Read bandwidth of a float32 vector-matrix product, the kernel shape of batch-1 decode, by three kernels.
+
+    The ceiling uses the fastest of these and of model_shaped_gemv_gbs (seen here: numpy's OpenBLAS sgemv and
+    ORT's MatMul 30-33 GB/s on one 384 MB matrix, torch.mv ~12).
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    torch.set_num_threads(threads)
+    K = 768
+    N = megabytes * (1 << 20) // (4 * K)
+    w = np.random.default_rng(0).standard_normal((K, N), dtype=np.float32)  # (K, N): MatMul's weight layout
+    x = np.ones((1, K), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "gemv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
+        [helper.make_tensor("W", TensorProto.FLOAT, [K, N], w.tobytes(), raw=True)],
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+                                   .SerializeToString(), options, providers=["CPUExecutionProvider"])
+    tw, tx = torch.from_numpy(np.ascontiguousarray(w.T)), torch.from_numpy(x[0])
+    kernels = {"numpy x@W": lambda: x @ w, "onnxruntime MatMul": lambda: session.run(None, {"x": x}),
+               "torch.mv": lambda: torch.mv(tw, tx)}
+    out = {}
+    for name, fn in kernels.items():
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        out[name] = w.nbytes / statistics.median(times) / 1e9
+    return out
 
 
 def bytes_per_step(checkpoint: Path, scheme: str) -> float:
@@ -74,6 +138,8 @@ def bytes_per_step(checkpoint: Path, scheme: str) -> float:
 
 
 def transformers_eager(checkpoint: Path, batch: int, prompt_len: int, new_tokens: int, repeats: int, threads: int) -> dict:
+    """transformers' own generate(); a logits processor stamps the time of each step (the first stamp ends the
+    prefill), so one call gives the prefill time and every decode step's time."""
     import transformers
 
     torch.set_num_threads(threads)
@@ -81,22 +147,32 @@ def transformers_eager(checkpoint: Path, batch: int, prompt_len: int, new_tokens
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
 
-    def timed(n: int) -> float:
+    class Stamp(transformers.LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    def timed() -> tuple[float, list[float]]:
+        stamp = Stamp()
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0)
-        return time.perf_counter() - start
+            model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=0, logits_processor=transformers.LogitsProcessorList([stamp]))
+        return stamp.times[0] - start, list(np.diff(stamp.times))
 
-    timed(2)  # warm-up
-    prefill, decode = [], []
+    if batch * prompt_len <= 4096:
+        timed()  # warm-up
+    prefill, rates, steps = [], [], []
     for _ in range(repeats):
-        one, full = timed(1), timed(new_tokens)
-        prefill.append(one)
-        decode.append(batch * (new_tokens - 1) / max(full - one, 1e-9))
-    step_ms = 1000 * batch / statistics.median(decode)
-    return {"prefill_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "token_latency_ms": step_ms}
+        p, step_times = timed()
+        prefill.append(p)
+        rates.append(batch * len(step_times) / sum(step_times))
+        steps.extend(step_times)
+    return {"prefill_s": statistics.median(prefill), "decode_tok_s": statistics.median(rates),
+            "token_latency_ms": statistics.median(steps) * 1000}
 
 
 def run_case(runner: str, bundles: dict, checkpoint: Path, batch: int, context: int, new_tokens: int, repeats: int,
@@ -105,8 +181,9 @@ def run_case(runner: str, bundles: dict, checkpoint: Path, batch: int, context: 
     if runner == "transformers eager":
         return transformers_eager(checkpoint, batch, prompt, new_tokens, repeats, threads)
     bundle, backend = bundles[runner]
+    warmup = 0 if batch * prompt > 4096 else 1  # a minute-long prefill is its own warm-up for the decode steps
     r = bench_bundle(bundle, prompt_len=prompt, new_tokens=new_tokens, batch=batch, backend=backend, repeats=repeats,
-                     threads=threads, model_dir=checkpoint)
+                     warmup=warmup, threads=threads, model_dir=checkpoint)
     return {"prefill_s": r.prefill_s, "decode_tok_s": r.decode_tok_s, "token_latency_ms": r.token_latency_ms}
 
 
@@ -142,7 +219,9 @@ def main() -> None:
     runners = [*bundles, "transformers eager"]
 
     log(f"measuring GEMV read bandwidth ({args.threads} threads) ...")
-    bandwidth = gemv_bandwidth_gbs(args.threads)
+    kernels = gemv_bandwidth_gbs(args.threads)
+    kernels["onnxruntime MatMuls, one step's weight shapes"] = model_shaped_gemv_gbs(step_shapes(checkpoint), args.threads)
+    bandwidth = max(kernels.values())
     ceilings = {s: bandwidth * 1e9 / bytes_per_step(checkpoint, s) for s in ("fp32", "int8", "int4")}
 
     rows = []
@@ -171,8 +250,11 @@ def main() -> None:
         f"(context = prompt + new tokens); medians of {args.repeats} repeats after a warm-up (1 repeat where batch x "
         f"context > 4096). Decode tokens/s counts every row of the batch.",
         "",
-        f"GEMV read bandwidth measured in this run: {bandwidth:.1f} GB/s. Memory-bound ceiling for batch-1 decode "
-        f"(bandwidth / weight bytes per step): fp32 {ceilings['fp32']:.1f}, int8 {ceilings['int8']:.1f}, "
+        "GEMV read bandwidth measured in this run (float32 vector x matrix; one 384 MB matrix, or every weight of "
+        "one decode step): "
+        + ", ".join(f"{name} {gbs:.1f} GB/s" for name, gbs in kernels.items())
+        + f"; the fastest, {bandwidth:.1f} GB/s, sets the memory-bound ceiling for batch-1 decode "
+        f"(bandwidth / weight bytes one step reads): fp32 {ceilings['fp32']:.1f}, int8 {ceilings['int8']:.1f}, "
         f"int4 {ceilings['int4']:.1f} tokens/s.",
         "",
         "| context | batch | runner | prefill (s) | decode (tokens/s) | ms / step | vs transformers decode | vs ceiling (b=1) |",
@@ -195,7 +277,7 @@ def main() -> None:
     table = "\n".join(header + lines + curve_lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text(table)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"bandwidth_gbs": bandwidth, "ceilings": ceilings,
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"bandwidth_gbs": kernels, "ceilings": ceilings,
                                                            "rows": rows, "curve": curve}, indent=2) + "\n")
     try:
         import matplotlib
