@@ -79,7 +79,7 @@ def continue_stream(
     stats = stats if stats is not None else GenerationStats()
     sampler = Sampler(options.sampling)
     stops = stop_ids(session.bundle.config, options)
-    seen = [np.asarray(p, dtype=np.int64) for p in prompts]
+    seen = [list(p) for p in prompts]  # each row's tokens so far (the repetition penalty reads them)
     produced = np.zeros(len(prompts), dtype=np.int64)
     start = time.perf_counter()
     while True:
@@ -87,7 +87,7 @@ def continue_stream(
         tokens = sampler(logits, [seen[r] for r in rows])
         keep = np.ones(len(rows), dtype=bool)
         for i, (row, token) in enumerate(zip(rows, tokens)):
-            seen[row] = np.append(seen[row], token)
+            seen[row].append(int(token))
             produced[row] += 1
             finished = int(token) in stops or produced[row] >= options.max_new_tokens
             keep[i] = not finished

@@ -32,12 +32,13 @@ class SamplingOptions:
         return self.temperature == 0 or self.top_k == 1
 
 
-def apply_repetition_penalty(logits: np.ndarray, seen: list[np.ndarray], penalty: float) -> np.ndarray:
+def apply_repetition_penalty(logits: np.ndarray, seen: list, penalty: float) -> np.ndarray:
     """transformers' rule: a seen token's logit is divided by the penalty if positive, multiplied if negative."""
     if penalty == 1.0:
         return logits
     logits = logits.copy()
     for row, tokens in enumerate(seen):
+        tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.size:
             values = logits[row, tokens]
             logits[row, tokens] = np.where(values > 0, values / penalty, values * penalty)
@@ -67,7 +68,7 @@ class Sampler:
         self.options = options
         self.rng = np.random.default_rng(options.seed)
 
-    def __call__(self, logits: np.ndarray, seen: list[np.ndarray]) -> np.ndarray:
+    def __call__(self, logits: np.ndarray, seen: list) -> np.ndarray:
         """Next token per row (B,) from last-position logits (B, V) and each row's tokens so far."""
         o = self.options
         logits = apply_repetition_penalty(logits, seen, o.repetition_penalty)
