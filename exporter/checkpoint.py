@@ -8,7 +8,6 @@ assigned as read, so peak memory stays near one copy of the weights in the targe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -154,12 +153,7 @@ def load_model(
 
 
 def sha256_files(paths: list[Path]) -> dict[str, str]:
-    """sha256 of each file (name -> hex digest), read in chunks."""
-    digests = {}
-    for path in paths:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        digests[path.name] = h.hexdigest()
-    return digests
+    """sha256 of each file (name -> hex digest), the same digest the runtime checks bundles with."""
+    from runtime.bundle import sha256_file
+
+    return {path.name: sha256_file(path) for path in paths}

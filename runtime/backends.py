@@ -160,7 +160,7 @@ class TorchBackend:
         return [t.index_select(0, index) for t in cache]
 
 
-BACKENDS = ("ort", "torch", "tensorrt")
+BACKENDS = ("ort", "ort-cuda", "torch", "tensorrt")
 
 
 def open_backend(bundle: Bundle, backend: str = "ort", *, model_dir=None, threads: int = 0):

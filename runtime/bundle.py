@@ -96,12 +96,16 @@ class Bundle:
         kv = self.kv_cache
         return [kv["present_output"].format(layer=i) for i in range(kv["num_layers"])] if kv else []
 
+    def empty_past_shape(self, batch: int) -> list[int]:
+        """The shape of each cache input at the first step (past_sequence = 0)."""
+        return [batch if d == "batch" else 0 if d == "past_sequence" else d for d in self.kv_cache["past_shape"]]
+
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         """The first step's past: every cache input with past_sequence = 0."""
         kv = self.kv_cache
         if kv is None:
             return {}
-        shape = [batch if d == "batch" else 0 if d == "past_sequence" else d for d in kv["past_shape"]]
+        shape = self.empty_past_shape(batch)
         dtype = NUMPY_DTYPES.get(kv["dtype"])
         if dtype is None:
             raise BundleError(f"cache dtype {kv['dtype']} has no numpy equivalent on this runtime")

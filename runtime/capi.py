@@ -123,6 +123,12 @@ def install(ffi, lib) -> None:
         handle = alive.pop(int(ffi.cast("uintptr_t", ptr)), None)
         return ffi.from_handle(handle) if handle is not None else None
 
+    def prefilled(ptr, call: str) -> Session:
+        s = lookup(ptr, Session, "session")
+        if s.logits is None:
+            raise StateError(f"{call} needs a prefill first (bcr_session_prefill_ids or _text)")
+        return s
+
     def text(ptr, name: str) -> str:
         if ptr == ffi.NULL:
             raise BigCodeError(f"{name} is NULL")
@@ -224,9 +230,7 @@ def install(ffi, lib) -> None:
         from runtime.generate import GenerationStats, continue_stream
         from runtime.text import IncrementalDecoder
 
-        s = lookup(session, Session, "session")
-        if s.logits is None:
-            raise StateError("generate needs a prefill first (bcr_session_prefill_ids or _text)")
+        s = prefilled(session, "generate")
         if generated != ffi.NULL:
             generated[0] = 0
         o = options
@@ -262,9 +266,7 @@ def install(ffi, lib) -> None:
     @ffi.def_extern()
     @entry
     def bcr_session_step(session, tokens, count):
-        s = lookup(session, Session, "session")
-        if s.logits is None:
-            raise StateError("step needs a prefill first")
+        s = prefilled(session, "step")
         if tokens == ffi.NULL or count != len(s.decoding.rows):
             raise BigCodeError(f"step takes one token per active row ({len(s.decoding.rows)}), got {count}")
         chosen = np.array(ffi.unpack(tokens, count), dtype=np.int64)
@@ -277,9 +279,7 @@ def install(ffi, lib) -> None:
     @ffi.def_extern()
     @entry
     def bcr_session_last_logits(session, out, capacity, rows, vocab):
-        s = lookup(session, Session, "session")
-        if s.logits is None:
-            raise StateError("no logits yet: prefill first")
+        s = prefilled(session, "last_logits")
         logits = np.ascontiguousarray(s.logits, dtype=np.float32)
         if rows != ffi.NULL:
             rows[0] = logits.shape[0]

@@ -330,9 +330,8 @@ class TensorRTBackend:
     def empty_cache(self, batch: int):
         import torch
 
-        kv = self.bundle.kv_cache
-        shape = [batch if d == "batch" else 0 if d == "past_sequence" else d for d in kv["past_shape"]]
-        dtype = getattr(torch, TORCH_DTYPES[kv["dtype"]])
+        shape = self.bundle.empty_past_shape(batch)
+        dtype = getattr(torch, TORCH_DTYPES[self.bundle.kv_cache["dtype"]])
         return [torch.empty(shape, dtype=dtype, device="cuda") for _ in self.bundle.past_names()]
 
     def step(self, input_ids, attention_mask, position_ids, cache):
