@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR := out/demo
 
-.PHONY: setup demo test test-slow gpu-check capi cpp-example bench clean
+.PHONY: setup demo test lint test-slow gpu-check capi cpp-example bench clean
 
 setup: $(STAMP)
 
@@ -23,13 +23,15 @@ demo: $(STAMP)
 	$(BIN)/bigcode-deploy generate $(DEMO_DIR)-ort --prompt 'def fibonacci(n):' --max-new-tokens 64 --repetition-penalty 1.3
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow -s
 
 capi: $(STAMP)
-	$(BIN)/python -m runtime.capi_build build/capi
+	$(BIN)/python -m bigcode_deploy.runtime.capi_build build/capi
 
 cpp-example: capi
 	cmake -S examples/cpp -B build/example -DCMAKE_BUILD_TYPE=Release

@@ -44,43 +44,67 @@ def folded() -> onnx.ModelProto:
         helper.make_tensor("neg", F, [], [float(np.finfo(np.float32).min)]),
     ]
     graph = helper.make_graph(
-        nodes, "folded",
-        [helper.make_tensor_value_info("q", F, [B, 1, E]), helper.make_tensor_value_info("new_kv", F, [B, 1, 2 * D]),
-         helper.make_tensor_value_info("past", F, [B, "P", 2 * D]),
-         helper.make_tensor_value_info("mask", TensorProto.BOOL, [B, 1, "S"])],
-        [helper.make_tensor_value_info("out", F, None), helper.make_tensor_value_info("present", F, None)], inits,
+        nodes,
+        "folded",
+        [
+            helper.make_tensor_value_info("q", F, [B, 1, E]),
+            helper.make_tensor_value_info("new_kv", F, [B, 1, 2 * D]),
+            helper.make_tensor_value_info("past", F, [B, "P", 2 * D]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, [B, 1, "S"]),
+        ],
+        [helper.make_tensor_value_info("out", F, None), helper.make_tensor_value_info("present", F, None)],
+        inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
 def gqa() -> onnx.ModelProto:
     node = helper.make_node(
-        "GroupQueryAttention", ["q", "k", "v", "past_key", "past_value", "seqlens_k", "total_len"],
-        ["out", "present_key", "present_value"], domain="com.microsoft", num_heads=H, kv_num_heads=1,
+        "GroupQueryAttention",
+        ["q", "k", "v", "past_key", "past_value", "seqlens_k", "total_len"],
+        ["out", "present_key", "present_value"],
+        domain="com.microsoft",
+        num_heads=H,
+        kv_num_heads=1,
     )
     graph = helper.make_graph(
-        [node], "gqa",
-        [helper.make_tensor_value_info("q", F, [B, 1, E]), helper.make_tensor_value_info("k", F, [B, 1, D]),
-         helper.make_tensor_value_info("v", F, [B, 1, D]), helper.make_tensor_value_info("past_key", F, [B, 1, "P", D]),
-         helper.make_tensor_value_info("past_value", F, [B, 1, "P", D]),
-         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [B]),
-         helper.make_tensor_value_info("total_len", TensorProto.INT32, [])],
+        [node],
+        "gqa",
+        [
+            helper.make_tensor_value_info("q", F, [B, 1, E]),
+            helper.make_tensor_value_info("k", F, [B, 1, D]),
+            helper.make_tensor_value_info("v", F, [B, 1, D]),
+            helper.make_tensor_value_info("past_key", F, [B, 1, "P", D]),
+            helper.make_tensor_value_info("past_value", F, [B, 1, "P", D]),
+            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [B]),
+            helper.make_tensor_value_info("total_len", TensorProto.INT32, []),
+        ],
         [helper.make_tensor_value_info(n, F, None) for n in ("out", "present_key", "present_value")],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
 
 
 def attn23() -> onnx.ModelProto:
     node = helper.make_node(
-        "Attention", ["q", "k", "v", "mask", "past_key", "past_value"], ["out", "present_key", "present_value"],
-        q_num_heads=H, kv_num_heads=1,
+        "Attention",
+        ["q", "k", "v", "mask", "past_key", "past_value"],
+        ["out", "present_key", "present_value"],
+        q_num_heads=H,
+        kv_num_heads=1,
     )
     graph = helper.make_graph(
-        [node], "attn23",
-        [helper.make_tensor_value_info("q", F, [B, 1, E]), helper.make_tensor_value_info("k", F, [B, 1, D]),
-         helper.make_tensor_value_info("v", F, [B, 1, D]), helper.make_tensor_value_info("mask", TensorProto.BOOL, [1, "S"]),
-         helper.make_tensor_value_info("past_key", F, [B, 1, "P", D]),
-         helper.make_tensor_value_info("past_value", F, [B, 1, "P", D])],
+        [node],
+        "attn23",
+        [
+            helper.make_tensor_value_info("q", F, [B, 1, E]),
+            helper.make_tensor_value_info("k", F, [B, 1, D]),
+            helper.make_tensor_value_info("v", F, [B, 1, D]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, [1, "S"]),
+            helper.make_tensor_value_info("past_key", F, [B, 1, "P", D]),
+            helper.make_tensor_value_info("past_value", F, [B, 1, "P", D]),
+        ],
         [helper.make_tensor_value_info(n, F, None) for n in ("out", "present_key", "present_value")],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
@@ -89,14 +113,25 @@ def attn23() -> onnx.ModelProto:
 def feeds(name: str, past: int, rng) -> dict[str, np.ndarray]:
     q = rng.standard_normal((B, 1, E), dtype=np.float32)
     if name == "folded":
-        return {"q": q, "new_kv": rng.standard_normal((B, 1, 2 * D), dtype=np.float32),
-                "past": rng.standard_normal((B, past, 2 * D), dtype=np.float32),
-                "mask": np.ones((B, 1, past + 1), dtype=bool)}
-    kv = {"k": rng.standard_normal((B, 1, D), dtype=np.float32), "v": rng.standard_normal((B, 1, D), dtype=np.float32),
-          "past_key": rng.standard_normal((B, 1, past, D), dtype=np.float32),
-          "past_value": rng.standard_normal((B, 1, past, D), dtype=np.float32)}
+        return {
+            "q": q,
+            "new_kv": rng.standard_normal((B, 1, 2 * D), dtype=np.float32),
+            "past": rng.standard_normal((B, past, 2 * D), dtype=np.float32),
+            "mask": np.ones((B, 1, past + 1), dtype=bool),
+        }
+    kv = {
+        "k": rng.standard_normal((B, 1, D), dtype=np.float32),
+        "v": rng.standard_normal((B, 1, D), dtype=np.float32),
+        "past_key": rng.standard_normal((B, 1, past, D), dtype=np.float32),
+        "past_value": rng.standard_normal((B, 1, past, D), dtype=np.float32),
+    }
     if name == "gqa":
-        return {"q": q, **kv, "seqlens_k": np.full((B,), past, dtype=np.int32), "total_len": np.array(past + 1, dtype=np.int32)}
+        return {
+            "q": q,
+            **kv,
+            "seqlens_k": np.full((B,), past, dtype=np.int32),
+            "total_len": np.array(past + 1, dtype=np.int32),
+        }
     return {"q": q, **kv, "mask": np.ones((1, past + 1), dtype=bool)}
 
 
@@ -122,8 +157,10 @@ def main() -> None:
     options.log_severity_level = 3
     rng = np.random.default_rng(0)
     builders = {"folded": folded, "gqa": gqa, "attn23": attn23}
-    print(f"one decode step, one layer, {H} heads x {D}, one K/V head, batch {B}, {args.threads} threads "
-          f"(onnxruntime {ort.__version__}); median of {args.repeats}")
+    print(
+        f"one decode step, one layer, {H} heads x {D}, one K/V head, batch {B}, {args.threads} threads "
+        f"(onnxruntime {ort.__version__}); median of {args.repeats}"
+    )
     print(f"{'past':>6} " + " ".join(f"{n:>16}" for n in builders))
     for past in args.past:
         row = {}

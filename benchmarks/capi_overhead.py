@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from exporter.export import export_bundle
-from exporter.progress import quiet
-from runtime.api import open_generator
-from runtime.generate import continue_stream
+from bigcode_deploy.exporter.export import export_bundle
+from bigcode_deploy.runtime.api import open_generator
+from bigcode_deploy.runtime.generate import continue_stream
+from bigcode_deploy.runtime.progress import quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY_DIR = ROOT / "build" / "capi"
@@ -43,8 +43,21 @@ def python_step_ms(bundle: Path, tokens: int, threads: int) -> float:
 
 def build_c_bench(out: Path) -> Path:
     binary = out / "capi_overhead"
-    subprocess.run(["cc", "-O2", "-std=c11", f"-I{ROOT / 'runtime' / 'include'}", str(ROOT / "benchmarks" / "capi_overhead.c"),
-                    f"-L{LIBRARY_DIR}", "-lbigcode_runtime", f"-Wl,-rpath,{LIBRARY_DIR}", "-o", str(binary)], check=True)
+    subprocess.run(
+        [
+            "cc",
+            "-O2",
+            "-std=c11",
+            f"-I{ROOT / 'runtime' / 'include'}",
+            str(ROOT / "benchmarks" / "capi_overhead.c"),
+            f"-L{LIBRARY_DIR}",
+            "-lbigcode_runtime",
+            f"-Wl,-rpath,{LIBRARY_DIR}",
+            "-o",
+            str(binary),
+        ],
+        check=True,
+    )
     return binary
 
 

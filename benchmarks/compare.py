@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporter.export import export_bundle
-from exporter.progress import quiet
-from graphs.optimize import optimize_bundle
-from runtime.bench import bench_bundle
+from bigcode_deploy.exporter.export import export_bundle
+from bigcode_deploy.runtime.bench import bench_bundle
+from bigcode_deploy.runtime.progress import quiet
+from bigcode_deploy.workflows.optimize import optimize_bundle
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,8 +41,15 @@ def make_checkpoint(path: Path, n_layer: int) -> Path:
 
     torch.manual_seed(0)
     config = transformers.GPTBigCodeConfig(
-        vocab_size=49152, n_positions=8192, n_embd=768, n_layer=n_layer, n_head=12, n_inner=3072,
-        bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+        vocab_size=49152,
+        n_positions=8192,
+        n_embd=768,
+        n_layer=n_layer,
+        n_head=12,
+        n_inner=3072,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
     )
     transformers.GPTBigCodeForCausalLM(config).save_pretrained(path)
     return path
@@ -66,12 +73,17 @@ def model_shaped_gemv_gbs(shapes: list[tuple[int, int]], threads: int, repeats: 
     for i, (K, N) in enumerate(shapes):
         if K not in inputs:
             inputs[K] = helper.make_tensor_value_info(f"x{K}", TensorProto.FLOAT, [1, K])
-        inits.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, [K, N],
-                                        rng.standard_normal((K, N), dtype=np.float32).tobytes(), raw=True))
+        inits.append(
+            helper.make_tensor(
+                f"w{i}", TensorProto.FLOAT, [K, N], rng.standard_normal((K, N), dtype=np.float32).tobytes(), raw=True
+            )
+        )
         nodes.append(helper.make_node("MatMul", [f"x{K}", f"w{i}"], [f"y{i}"]))
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, N]))
-    model = helper.make_model(helper.make_graph(nodes, "step", list(inputs.values()), outputs, inits),
-                              opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "step", list(inputs.values()), outputs, inits),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -102,18 +114,25 @@ def gemv_bandwidth_gbs(threads: int, megabytes: int = 384, repeats: int = 15) ->
     w = np.random.default_rng(0).standard_normal((K, N), dtype=np.float32)  # (K, N): MatMul's weight layout
     x = np.ones((1, K), dtype=np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])], "gemv",
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "gemv",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
         [helper.make_tensor("W", TensorProto.FLOAT, [K, N], w.tobytes(), raw=True)],
     )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-                                   .SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
     tw, tx = torch.from_numpy(np.ascontiguousarray(w.T)), torch.from_numpy(x[0])
-    kernels = {"numpy x@W": lambda: x @ w, "onnxruntime MatMul": lambda: session.run(None, {"x": x}),
-               "torch.mv": lambda: torch.mv(tw, tx)}
+    kernels = {
+        "numpy x@W": lambda: x @ w,
+        "onnxruntime MatMul": lambda: session.run(None, {"x": x}),
+        "torch.mv": lambda: torch.mv(tw, tx),
+    }
     out = {}
     for name, fn in kernels.items():
         for _ in range(3):
@@ -137,7 +156,9 @@ def bytes_per_step(checkpoint: Path, scheme: str) -> float:
     return matmul_params * per_param
 
 
-def transformers_eager(checkpoint: Path, batch: int, prompt_len: int, new_tokens: int, repeats: int, threads: int) -> dict:
+def transformers_eager(
+    checkpoint: Path, batch: int, prompt_len: int, new_tokens: int, repeats: int, threads: int
+) -> dict:
     """transformers' own generate(); a logits processor stamps the time of each step (the first stamp ends the
     prefill), so one call gives the prefill time and every decode step's time."""
     import transformers
@@ -159,8 +180,15 @@ def transformers_eager(checkpoint: Path, batch: int, prompt_len: int, new_tokens
         stamp = Stamp()
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False, pad_token_id=0, logits_processor=transformers.LogitsProcessorList([stamp]))
+            model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                logits_processor=transformers.LogitsProcessorList([stamp]),
+            )
         return stamp.times[0] - start, list(np.diff(stamp.times))
 
     if batch * prompt_len <= 4096:
@@ -171,19 +199,32 @@ def transformers_eager(checkpoint: Path, batch: int, prompt_len: int, new_tokens
         prefill.append(p)
         rates.append(batch * len(step_times) / sum(step_times))
         steps.extend(step_times)
-    return {"prefill_s": statistics.median(prefill), "decode_tok_s": statistics.median(rates),
-            "token_latency_ms": statistics.median(steps) * 1000}
+    return {
+        "prefill_s": statistics.median(prefill),
+        "decode_tok_s": statistics.median(rates),
+        "token_latency_ms": statistics.median(steps) * 1000,
+    }
 
 
-def run_case(runner: str, bundles: dict, checkpoint: Path, batch: int, context: int, new_tokens: int, repeats: int,
-             threads: int) -> dict:
+def run_case(
+    runner: str, bundles: dict, checkpoint: Path, batch: int, context: int, new_tokens: int, repeats: int, threads: int
+) -> dict:
     prompt = context - new_tokens
     if runner == "transformers eager":
         return transformers_eager(checkpoint, batch, prompt, new_tokens, repeats, threads)
     bundle, backend = bundles[runner]
     warmup = 0 if batch * prompt > 4096 else 1  # a minute-long prefill is its own warm-up for the decode steps
-    r = bench_bundle(bundle, prompt_len=prompt, new_tokens=new_tokens, batch=batch, backend=backend, repeats=repeats,
-                     warmup=warmup, threads=threads, model_dir=checkpoint)
+    r = bench_bundle(
+        bundle,
+        prompt_len=prompt,
+        new_tokens=new_tokens,
+        batch=batch,
+        backend=backend,
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+        model_dir=checkpoint,
+    )
     return {"prefill_s": r.prefill_s, "decode_tok_s": r.decode_tok_s, "token_latency_ms": r.token_latency_ms}
 
 
@@ -208,19 +249,44 @@ def main() -> None:
     log("exporting and optimizing bundles ...")
     portable = export_bundle(checkpoint, work / "portable", check=False, progress=quiet)
     bundles = {
-        "ours ort fp32": (optimize_bundle(portable, work / "ort", target="ort", last_token_logits=True, progress=quiet), "ort"),
+        "ours ort fp32": (
+            optimize_bundle(portable, work / "ort", target="ort", last_token_logits=True, progress=quiet),
+            "ort",
+        ),
         "ours portable fp32": (portable, "ort"),
-        "ours ort int8": (optimize_bundle(portable, work / "int8", target="ort", last_token_logits=True, quantize="int8",
-                                          check=False, progress=quiet), "ort"),
-        "ours ort int4": (optimize_bundle(portable, work / "int4", target="ort", last_token_logits=True, quantize="int4",
-                                          check=False, progress=quiet), "ort"),
+        "ours ort int8": (
+            optimize_bundle(
+                portable,
+                work / "int8",
+                target="ort",
+                last_token_logits=True,
+                quantize="int8",
+                check=False,
+                progress=quiet,
+            ),
+            "ort",
+        ),
+        "ours ort int4": (
+            optimize_bundle(
+                portable,
+                work / "int4",
+                target="ort",
+                last_token_logits=True,
+                quantize="int4",
+                check=False,
+                progress=quiet,
+            ),
+            "ort",
+        ),
         "torch reference (KV cache)": (portable, "torch"),
     }
     runners = [*bundles, "transformers eager"]
 
     log(f"measuring GEMV read bandwidth ({args.threads} threads) ...")
     kernels = gemv_bandwidth_gbs(args.threads)
-    kernels["onnxruntime MatMuls, one step's weight shapes"] = model_shaped_gemv_gbs(step_shapes(checkpoint), args.threads)
+    kernels["onnxruntime MatMuls, one step's weight shapes"] = model_shaped_gemv_gbs(
+        step_shapes(checkpoint), args.threads
+    )
     bandwidth = max(kernels.values())
     ceilings = {s: bandwidth * 1e9 / bytes_per_step(checkpoint, s) for s in ("fp32", "int8", "int4")}
 
@@ -239,8 +305,9 @@ def main() -> None:
             r = run_case(runner, bundles, checkpoint, 1, context, min(16, args.new_tokens), 1, args.threads)
             curve.setdefault(runner, []).append((context, r["token_latency_ms"]))
 
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True,
-                         text=True).stdout.strip()
+    cpu = subprocess.run(
+        ["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True
+    ).stdout.strip()
     header = [
         f"# Decode and prefill speed: {args.name}",
         "",
@@ -257,28 +324,39 @@ def main() -> None:
         f"(bandwidth / weight bytes one step reads): fp32 {ceilings['fp32']:.1f}, int8 {ceilings['int8']:.1f}, "
         f"int4 {ceilings['int4']:.1f} tokens/s.",
         "",
-        "| context | batch | runner | prefill (s) | decode (tokens/s) | ms / step | vs transformers decode | vs ceiling (b=1) |",
+        "| context | batch | runner | prefill (s) | decode (tokens/s) | ms / step | vs transformers decode "
+        "| vs ceiling (b=1) |",
         "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines = []
     for row in rows:
-        ref = next(r for r in rows if r["context"] == row["context"] and r["batch"] == row["batch"]
-                   and r["runner"] == "transformers eager")
+        ref = next(
+            r
+            for r in rows
+            if r["context"] == row["context"] and r["batch"] == row["batch"] and r["runner"] == "transformers eager"
+        )
         scheme = "int8" if "int8" in row["runner"] else "int4" if "int4" in row["runner"] else "fp32"
         vs_ceiling = f"{row['decode_tok_s'] / ceilings[scheme]:.2f}" if row["batch"] == 1 else ""
-        lines.append(f"| {row['context']} | {row['batch']} | {row['runner']} | {row['prefill_s']:.3f} | "
-                     f"{row['decode_tok_s']:.1f} | {row['token_latency_ms']:.1f} | "
-                     f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}x | {vs_ceiling} |")
-    curve_lines = ["", "Per-token decode latency (ms, batch 1) against context length:", "",
-                   "| runner | " + " | ".join(str(c) for c, _ in next(iter(curve.values()))) + " |",
-                   "| --- |" + " ---: |" * len(next(iter(curve.values())))]
+        lines.append(
+            f"| {row['context']} | {row['batch']} | {row['runner']} | {row['prefill_s']:.3f} | "
+            f"{row['decode_tok_s']:.1f} | {row['token_latency_ms']:.1f} | "
+            f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}x | {vs_ceiling} |"
+        )
+    curve_lines = [
+        "",
+        "Per-token decode latency (ms, batch 1) against context length:",
+        "",
+        "| runner | " + " | ".join(str(c) for c, _ in next(iter(curve.values()))) + " |",
+        "| --- |" + " ---: |" * len(next(iter(curve.values()))),
+    ]
     for runner, points in curve.items():
         curve_lines.append(f"| {runner} | " + " | ".join(f"{ms:.1f}" for _, ms in points) + " |")
     table = "\n".join(header + lines + curve_lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text(table)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"bandwidth_gbs": kernels, "ceilings": ceilings,
-                                                           "rows": rows, "curve": curve}, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(
+        json.dumps({"bandwidth_gbs": kernels, "ceilings": ceilings, "rows": rows, "curve": curve}, indent=2) + "\n"
+    )
     try:
         import matplotlib
 

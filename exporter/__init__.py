@@ -1,3 +1,4 @@
-"""The reference GPTBigCode model, its checkpoint loader and the ONNX export."""
+"""The reference GPTBigCode model, its checkpoint loader and saver, the ONNX export and the torch reference backend.
 
-__version__ = "0.1.0"  # the distribution's version (pyproject reads it from here)
+Sits on bigcode_deploy.runtime; imports nothing from graphs/ or the workflows above it.
+"""

@@ -18,11 +18,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from exporter.config import GPTBigCodeConfig
-from exporter.errors import CheckpointError, ConfigError
-from exporter.model import build_model
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from bigcode_deploy.exporter.config import GPTBigCodeConfig
+from bigcode_deploy.exporter.dtypes import TORCH_DTYPES
+from bigcode_deploy.exporter.model import build_model
+from bigcode_deploy.runtime.errors import CheckpointError, ConfigError
 
 # Keys a checkpoint may hold that no task here loads: buffers older transformers saved, and the heads of
 # other tasks (a causal-lm file loaded as a base model, say).
@@ -41,13 +40,13 @@ INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 def default_model_dir() -> Path:
     """The embedded default model shipped inside the package (used when no MODEL_DIR is given)."""
-    return Path(str(resources.files("exporter") / "default_model"))
+    return Path(str(resources.files("bigcode_deploy.exporter") / "default_model"))
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in TORCH_DTYPES:
+        raise ConfigError(f"unsupported dtype {name!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -58,7 +57,9 @@ def weight_files(model_dir: Path) -> list[Path]:
             try:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index_path} is not a valid shard index ({exc!r}): re-save the checkpoint") from None
+                raise CheckpointError(
+                    f"{index_path} is not a valid shard index ({exc!r}): re-save the checkpoint"
+                ) from None
             shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not (model_dir / s).is_file()]
             if missing:
@@ -67,9 +68,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     for name in SINGLE_FILES:
         if (model_dir / name).is_file():
             return [model_dir / name]
-    raise CheckpointError(
-        f"no weights in {model_dir}: expected one of {', '.join(SINGLE_FILES + INDEX_FILES)}"
-    )
+    raise CheckpointError(f"no weights in {model_dir}: expected one of {', '.join(SINGLE_FILES + INDEX_FILES)}")
 
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -121,8 +120,8 @@ def load_model(
     for path in weight_files(model_dir):
         for raw_name, tensor in iter_tensors(path):
             name = canonical_key(raw_name, has_base_prefix=prefixed)
-            if not prefixed and name.startswith(BASE_PREFIX) and name[len(BASE_PREFIX):] in expected:
-                name = name[len(BASE_PREFIX):]
+            if not prefixed and name.startswith(BASE_PREFIX) and name[len(BASE_PREFIX) :] in expected:
+                name = name[len(BASE_PREFIX) :]
             if name not in expected:
                 if not any(p.match(name) or p.match(canonical_key(raw_name, True)) for p in IGNORED_KEYS):
                     unexpected.append(f"{raw_name} (in {path.name})")
@@ -135,7 +134,8 @@ def load_model(
             loaded[name] = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
     if unexpected:
         raise CheckpointError(
-            f"unexpected tensor {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+            f"unexpected tensor {unexpected[0]}"
+            + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
             + f": {model_dir} does not hold a GPTBigCode model matching config.json"
         )
     missing = [name for name in expected if name not in loaded]
@@ -152,8 +152,19 @@ def load_model(
     return model, config
 
 
-def sha256_files(paths: list[Path]) -> dict[str, str]:
-    """sha256 of each file (name -> hex digest), the same digest the runtime checks bundles with."""
-    from runtime.bundle import sha256_file
+def save_checkpoint(model: nn.Module, config: GPTBigCodeConfig, model_dir: str | Path) -> Path:
+    """Write a checkpoint this loader (and transformers) reads: model.safetensors with the model's own tensor names
+    (the tied lm_head left out, as transformers saves it) and config.json (model_type gpt_bigcode, every field,
+    architectures and torch_dtype from the model). The one save function for scripts, tests and benchmarks."""
+    from safetensors.torch import save_file
 
-    return {path.name: sha256_file(path) for path in paths}
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tied = config.tie_word_embeddings
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    architectures = ["GPTBigCodeForCausalLM"] if hasattr(model, "lm_head") else []
+    raw = {**config.to_dict(), "architectures": architectures, "torch_dtype": dtype}
+    (model_dir / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    return model_dir

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import ConfigError
+from bigcode_deploy.runtime.errors import ConfigError
 
 # The activations transformers' ACT2FN maps for this model family; exporter.model implements each.
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "gelu_new", "gelu_fast", "relu", "silu", "swish", "quick_gelu")
@@ -89,7 +89,7 @@ class GPTBigCodeConfig:
             )
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "GPTBigCodeConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> GPTBigCodeConfig:
         model_type = raw.get("model_type")
         if model_type != "gpt_bigcode":
             raise ConfigError(
@@ -108,7 +108,7 @@ class GPTBigCodeConfig:
         return cls(**values)
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "GPTBigCodeConfig":
+    def from_json_file(cls, path: str | Path) -> GPTBigCodeConfig:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
@@ -124,22 +124,28 @@ class GPTBigCodeConfig:
         """The HF-style dict: model_type plus every field (round-trips through from_dict)."""
         return {"model_type": "gpt_bigcode", **dataclasses.asdict(self)}
 
-    @property
-    def eos_token_ids(self) -> list[int]:
-        if self.eos_token_id is None:
-            return []
-        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
-
 
 # Named presets with the public shapes (random weights only: used by benchmarks and slow tests).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny_starcoder_py": dict(
-        vocab_size=49152, n_positions=8192, n_embd=768, n_layer=20, n_head=12, n_inner=3072,
-        bos_token_id=0, eos_token_id=0,
+        vocab_size=49152,
+        n_positions=8192,
+        n_embd=768,
+        n_layer=20,
+        n_head=12,
+        n_inner=3072,
+        bos_token_id=0,
+        eos_token_id=0,
     ),
     "santacoder": dict(
-        vocab_size=49280, n_positions=2048, n_embd=2048, n_layer=24, n_head=16, n_inner=8192,
-        bos_token_id=49152, eos_token_id=49152,
+        vocab_size=49280,
+        n_positions=2048,
+        n_embd=2048,
+        n_layer=24,
+        n_head=16,
+        n_inner=8192,
+        bos_token_id=49152,
+        eos_token_id=49152,
     ),
 }
 

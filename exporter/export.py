@@ -7,11 +7,9 @@ written under a temporary name beside OUT_DIR and renamed at the end; a failure 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import warnings
-from exporter import __version__
 from pathlib import Path
 
 import onnx_ir as ir
@@ -19,27 +17,36 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from exporter.checkpoint import default_model_dir, load_model, sha256_files, weight_files
-from exporter.config import GPTBigCodeConfig
-from exporter.errors import BigCodeError
-from exporter.manifest import (
-    BATCH, PAST, SEQUENCE, build_manifest, has_cache, io_spec,
+from bigcode_deploy.exporter.checkpoint import default_model_dir, load_model, weight_files
+from bigcode_deploy.exporter.config import GPTBigCodeConfig
+from bigcode_deploy.exporter.dtypes import dtype_name
+from bigcode_deploy.exporter.hf_files import write_hf_files
+from bigcode_deploy.exporter.onnx_functions import FUNCTIONS
+from bigcode_deploy.runtime.errors import BigCodeError
+from bigcode_deploy.runtime.hashing import sha256_files
+from bigcode_deploy.runtime.manifest import (
+    BATCH,
+    DATA_FILE,
+    DOMAIN,
+    DOMAIN_VERSION,
+    GRAPH_FILE,
+    OPSETS,
+    PAST,
+    SEQUENCE,
+    TOKENIZER_FILE,
+    TOKENIZER_FILES,
+    GraphFiles,
+    Manifest,
+    has_cache,
+    io_spec,
 )
-from exporter.onnx_functions import FUNCTIONS
-from exporter.ops import DOMAIN, DOMAIN_VERSION
-from exporter.progress import Progress, print_progress, step
-from exporter.staging import refuse_existing, staged_dir
+from bigcode_deploy.runtime.progress import Progress, print_progress, step
+from bigcode_deploy.runtime.staging import refuse_existing, staged_dir
+from bigcode_deploy.runtime.version import __version__
 
-GRAPH_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-MANIFEST_FILE = "manifest.json"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "generation_config.json",
-)
 # A protobuf holds at most 2 GiB: above this many weight bytes the graph always gets external data.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
-SUPPORTED_OPSETS = range(18, 24)
+
 
 class ExportModule(nn.Module):
     """Flat graph I/O around a task model: (input_ids, attention_mask[, position_ids][, past list]) -> tuple."""
@@ -69,8 +76,10 @@ def example_inputs(config: GPTBigCodeConfig, task: str, cache: bool, dtype: torc
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
     if not cache:
         return (input_ids, attention_mask, position_ids)
-    past = [torch.randn(*([B, P] if config.multi_query else [B, config.n_head, P]), 2 * config.head_dim, dtype=dtype)
-            for _ in range(config.n_layer)]
+    past = [
+        torch.randn(*([B, P] if config.multi_query else [B, config.n_head, P]), 2 * config.head_dim, dtype=dtype)
+        for _ in range(config.n_layer)
+    ]
     return (input_ids, attention_mask, position_ids, past)
 
 
@@ -94,7 +103,7 @@ def to_onnx_ir(
 
     Returns the model and the bigcode ops it uses.
     """
-    inputs, outputs = io_spec(config, task, _dtype_name(dtype), cache)
+    inputs, outputs = io_spec(config.to_dict(), task, dtype_name(dtype), cache)
     module = ExportModule(model, task, cache).eval()
     with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(None), _quiet_torch_onnx():
         warnings.simplefilter("ignore")
@@ -103,17 +112,17 @@ def to_onnx_ir(
             example_inputs(config, task, cache, dtype),
             dynamo=True,
             dynamic_shapes=dynamic_shapes(config, task, cache),
-            input_names=[i["name"] for i in inputs],
-            output_names=[o["name"] for o in outputs],
+            input_names=[i.name for i in inputs],
+            output_names=[o.name for o in outputs],
             opset_version=opset,
             optimize=True,
             verbose=False,
         )
     ir_model = program.model
     for value, spec in zip([*ir_model.graph.inputs, *ir_model.graph.outputs], [*inputs, *outputs]):
-        if value.name != spec["name"]:
-            raise RuntimeError(f"exported graph I/O {value.name!r} where {spec['name']!r} was expected")
-        value.shape = ir.Shape(spec["shape"])  # the manifest's symbolic names (torch names the mask's length sNN)
+        if value.name != spec.name:
+            raise RuntimeError(f"exported graph I/O {value.name!r} where {spec.name!r} was expected")
+        value.shape = ir.Shape(spec.shape)  # the manifest's symbolic names (torch names the mask's length sNN)
     for node in ir_model.graph.all_nodes():
         node.metadata_props.clear()  # torch's stack traces name this machine's paths; they are not part of the graph
     used = sorted({n.op_type for n in ir_model.graph.all_nodes() if n.domain == DOMAIN})
@@ -139,10 +148,6 @@ def _quiet_torch_onnx():
         logger.setLevel(level)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-
-
 def export_bundle(
     model_dir: str | Path | None,
     out_dir: str | Path,
@@ -156,13 +161,26 @@ def export_bundle(
     check: bool = True,
     progress: Progress = print_progress,
 ) -> Path:
-    """Write a deployment bundle for the checkpoint in model_dir (None: the embedded default) to out_dir."""
-    from exporter.check import check_bundle  # the check runs ONNX Runtime; imported only when exporting
+    """Write a deployment bundle for the checkpoint in model_dir (None: the embedded default) to out_dir.
+
+    The bundle: manifest.json (runtime/manifest.py), model.onnx (+ model.onnx.data with external_data, or above
+    1 GiB of weights), the checkpoint's tokenizer files, config.json and generation_config.json (causal-lm), and
+    the fp32 torch reference's teacher-forced outputs (reference_outputs.safetensors). One graph serves prefill and
+    decode: inputs input_ids (batch, sequence) int64, attention_mask (batch, past_sequence + sequence) int64,
+    position_ids (batch, sequence) int64, past_key_values.{layer}.key_value (MQA: batch, past_sequence, 2 * head_dim)
+    in `dtype`; outputs logits (batch, sequence, vocab) and present.{layer}.key_value. With check, onnx.checker
+    (full) and ONNX Runtime against the stored reference must pass before the bundle appears (atomically).
+
+    Returns out_dir. Raises BigCodeError for an existing out_dir without force, an unsupported opset or an
+    uncheckable dtype (bf16 with check); ConfigError/CheckpointError for a checkpoint that cannot be read;
+    ParityError when ONNX Runtime disagrees with the reference. Nothing is left under out_dir on failure."""
+    from bigcode_deploy.exporter.check import check_bundle  # the check runs ONNX Runtime; imported only when exporting
+    from bigcode_deploy.exporter.reference_capture import capture_reference
 
     out_dir = Path(out_dir)
     source_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-    if opset not in SUPPORTED_OPSETS:
-        raise BigCodeError(f"--opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+    if opset not in OPSETS:
+        raise BigCodeError(f"--opset {opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1}")
     refuse_existing(out_dir, force)
     if check and dtype == "bf16":
         raise BigCodeError(
@@ -189,23 +207,31 @@ def export_bundle(
         for name in TOKENIZER_FILES:
             if (source_dir / name).is_file():
                 shutil.copy2(source_dir / name, staging / name)
-                if name == "tokenizer.json":
+                if name == TOKENIZER_FILE:
                     tokenizer = name
+        hf_files = write_hf_files(source_dir, staging, config, task, cache=cache)
         with step(progress, "hashing the source checkpoint"):
             source_files = [source_dir / "config.json", *weight_files(source_dir)]
             source = {"model_dir": str(source_dir), "sha256": sha256_files(source_files)}
-        manifest = build_manifest(
-            config, task=task, dtype=dtype, opset=opset, use_cache=use_cache,
+        manifest = Manifest.build(
+            config.to_dict(),
+            task=task,
+            dtype=dtype,
+            opset=opset,
+            use_cache=use_cache,
             package_version=__version__,
-            graph={"file": GRAPH_FILE, "external_data": DATA_FILE if external else None, "sha256": graph_hashes},
-            source=source, tokenizer=tokenizer,
+            graph=GraphFiles(GRAPH_FILE, DATA_FILE if external else None, graph_hashes),
+            source=source,
+            tokenizer=tokenizer,
             custom_ops_used=custom_ops_used,
+            hf_files=hf_files,
         )
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        with step(progress, "capturing the torch reference outputs (fp32, teacher-forced)"):
+            manifest.reference = capture_reference(source_dir, manifest, staging, model=model)
+        manifest.write(staging)
         if check:
-            with step(progress, "checking: onnx.checker (full) and ONNX Runtime against torch"):
-                report = check_bundle(staging, model)
+            with step(progress, "checking: onnx.checker (full) and ONNX Runtime against the torch reference"):
+                report = check_bundle(staging)
             progress(report.summary())
     progress(f"wrote {out_dir}")
     return out_dir
-

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporter.config import GPTBigCodeConfig
-from exporter.errors import ConfigError
-from exporter.ops import fused_masked_softmax, merge_kv_cache
+from bigcode_deploy.exporter.config import GPTBigCodeConfig
+from bigcode_deploy.exporter.ops import fused_masked_softmax, merge_kv_cache
+from bigcode_deploy.runtime.errors import ConfigError
 
 KVCache = list[torch.Tensor]  # per layer: MQA (B, S, 2D); MHA (B, H, S, 2D)
 
@@ -49,11 +49,12 @@ class GPTBigCodeAttention(nn.Module):
         self.multi_query = config.multi_query
         self.n_head = config.n_head
         self.head_dim = config.head_dim
-        self.embed_dim = config.n_embd
         self.layer_idx = layer_idx
         self.scale_attn_weights = config.scale_attn_weights
         self.attention_softmax_in_fp32 = config.attention_softmax_in_fp32
-        self.scale_attention_softmax_in_fp32 = config.scale_attention_softmax_in_fp32 and config.attention_softmax_in_fp32
+        self.scale_attention_softmax_in_fp32 = (
+            config.scale_attention_softmax_in_fp32 and config.attention_softmax_in_fp32
+        )
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * config.kv_dim)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
@@ -81,7 +82,9 @@ class GPTBigCodeAttention(nn.Module):
             query, key_value = qkv.split((E, 2 * D), dim=2)  # (B, T, E), (B, T, 2D)
         else:
             # Per head [q | k | v] interleaved: memory layout (H, 3, D), not GPT-2's (3, H, D).
-            query, key_value = qkv.view(B, T, H, 3 * D).transpose(1, 2).split((D, 2 * D), dim=3)  # (B, H, T, D), (B, H, T, 2D)
+            query, key_value = (
+                qkv.view(B, T, H, 3 * D).transpose(1, 2).split((D, 2 * D), dim=3)
+            )  # (B, H, T, D), (B, H, T, 2D)
         present, key, value = merge_kv_cache(layer_past, key_value, D)  # (.., S, 2D), (.., S, D), (.., S, D)
 
         softmax_dtype, query_scale, unscale = self.softmax_scaling(query.dtype)
@@ -137,8 +140,11 @@ def default_position_ids(attention_mask: torch.Tensor | None, past_length: int, 
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, past_length: int | torch.SymInt, seq_length: int | torch.SymInt,
-    device: torch.device, multi_query: bool,
+    attention_mask: torch.Tensor | None,
+    past_length: int | torch.SymInt,
+    seq_length: int | torch.SymInt,
+    device: torch.device,
+    multi_query: bool,
 ) -> torch.Tensor:
     """Causal AND padding mask, built once per forward and shared by every layer.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from exporter.ops import DOMAIN, DOMAIN_VERSION, KV_CACHE_MERGE, MASKED_SOFTMAX
+from bigcode_deploy.runtime.manifest import DOMAIN, KV_CACHE_MERGE, MASKED_SOFTMAX
 
 # Standard-domain opset the bodies are written against (Split's num_outputs needs 18).
 BODY_OPSET = 18
@@ -48,8 +48,13 @@ def masked_softmax_function() -> onnx.FunctionProto:
         helper.make_node("CastLike", ["p", "scores"], ["probs"]),
     ]
     return helper.make_function(
-        DOMAIN, MASKED_SOFTMAX, ["scores", "mask"], ["probs"], nodes,
-        [helper.make_opsetid("", BODY_OPSET)], attributes=["scale", "mask_value", "softmax_dtype"],
+        DOMAIN,
+        MASKED_SOFTMAX,
+        ["scores", "mask"],
+        ["probs"],
+        nodes,
+        [helper.make_opsetid("", BODY_OPSET)],
+        attributes=["scale", "mask_value", "softmax_dtype"],
         doc_string="softmax(where(mask, float(scores) * scale, mask_value)) in softmax_dtype, cast back to the "
         "scores' dtype. scale is the per-layer unscale of GPTBigCode's half-precision path (1 in fp32).",
     )
@@ -65,26 +70,16 @@ def kv_cache_merge_function() -> onnx.FunctionProto:
         helper.make_node("Split", ["present"], ["key", "value"], axis=-1, num_outputs=2),
     ]
     return helper.make_function(
-        DOMAIN, KV_CACHE_MERGE, ["past", "key_value"], ["present", "key", "value"], nodes,
-        [helper.make_opsetid("", BODY_OPSET)], attributes=["head_dim"],
+        DOMAIN,
+        KV_CACHE_MERGE,
+        ["past", "key_value"],
+        ["present", "key", "value"],
+        nodes,
+        [helper.make_opsetid("", BODY_OPSET)],
+        attributes=["head_dim"],
         doc_string="The merged K|V cache update: present = concat(past, new K|V) on the sequence axis, split into "
         "K and V of head_dim each on the last axis. MQA (B, S, 2D); MHA (B, H, S, 2D).",
     )
 
 
 FUNCTIONS = {MASKED_SOFTMAX: masked_softmax_function, KV_CACHE_MERGE: kv_cache_merge_function}
-
-
-def attach_functions(model: onnx.ModelProto) -> list[str]:
-    """Add the FunctionProto of every bigcode op the graph uses; returns the op names attached."""
-    used = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN})
-    unknown = [op for op in used if op not in FUNCTIONS]
-    if unknown:
-        raise ValueError(f"graph uses {DOMAIN}::{unknown[0]}, which has no reference function")
-    present = {(f.domain, f.name) for f in model.functions}
-    for op in used:
-        if (DOMAIN, op) not in present:
-            model.functions.append(FUNCTIONS[op]())
-    if used and not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    return used

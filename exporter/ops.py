@@ -11,13 +11,8 @@ from __future__ import annotations
 
 import torch
 
-DOMAIN = "bigcode"
-DOMAIN_VERSION = 1
-MASKED_SOFTMAX = "FusedMaskedSoftmax"
-KV_CACHE_MERGE = "KVCacheMerge"
-
-# ONNX TensorProto data types for the softmax_dtype attribute.
-ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
+from bigcode_deploy.exporter.dtypes import onnx_type
+from bigcode_deploy.runtime.manifest import DOMAIN, DOMAIN_VERSION, KV_CACHE_MERGE, MASKED_SOFTMAX
 
 
 def fused_masked_softmax(
@@ -34,7 +29,7 @@ def fused_masked_softmax(
         return torch.onnx.ops.symbolic(
             f"{DOMAIN}::{MASKED_SOFTMAX}",
             (scores, mask),
-            {"scale": float(unscale), "mask_value": float(mask_value), "softmax_dtype": ONNX_DTYPES[softmax_dtype]},
+            {"scale": float(unscale), "mask_value": float(mask_value), "softmax_dtype": onnx_type(softmax_dtype)},
             dtype=scores.dtype,
             shape=scores.shape,
             version=DOMAIN_VERSION,

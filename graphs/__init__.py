@@ -1,1 +1,1 @@
-"""ONNX graph passes that lower an exported bundle for one target."""
+"""Graph passes: one rewrite rule per file, applied per target by pipeline.py. Sits on bigcode_deploy.runtime only."""

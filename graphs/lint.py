@@ -7,13 +7,18 @@ op name alone, ignoring the domain), and graph input dims without a finite range
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
 import onnx
 
+from bigcode_deploy.runtime.bundle import Bundle
+from bigcode_deploy.runtime.errors import BigCodeError
+from bigcode_deploy.runtime.manifest import Manifest
+
 # The standard ops onnx-tensorrt's importer handles (its operator support matrix, TensorRT 9.2-10.x), plus
 # Gelu (opset 20) and Attention (opset 23, parser 10.14+). Ops missing here are rejected by the parser.
-TENSORRT_OPS = frozenset("""
+TENSORRT_OPS = frozenset(
+    """
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool BatchNormalization Cast CastLike
 Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div
 Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gelu Gemm
@@ -26,7 +31,8 @@ ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape
 Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax
 Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu
 Unsqueeze Upsample Where Xor
-""".split())
+""".split()
+)
 OPSET_RANGE = range(9, 25)
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -45,7 +51,11 @@ def _tensor_types(model: onnx.ModelProto):
                 yield f"{node.name or node.output[0]} (attribute {attr.name})", attr.t.data_type
 
 
-def lint_tensorrt(model: onnx.ModelProto, manifest: dict[str, Any]) -> list[str]:
+def lint_tensorrt(model: onnx.ModelProto, manifest: Manifest) -> list[str]:
+    """What TensorRT's ONNX parser would reject in the graph, one line per problem (empty: none found).
+
+    manifest: the bundle's Manifest; its dims give each symbolic input dim's range.
+    """
     problems = []
     standard_opset = next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), None)
     if standard_opset not in OPSET_RANGE:
@@ -66,21 +76,38 @@ def lint_tensorrt(model: onnx.ModelProto, manifest: dict[str, Any]) -> list[str]
             continue
         attrs = {a.name for a in node.attribute}
         if node.op_type in TENSORRT_OPS:
-            problems.append(f"custom op {node.domain}::{node.op_type} collides with the built-in {node.op_type} importer "
-                            "(the parser ignores domains): rename it")
+            problems.append(
+                f"custom op {node.domain}::{node.op_type} collides with the built-in {node.op_type} importer "
+                "(the parser ignores domains): rename it"
+            )
         elif not {"plugin_namespace", "plugin_version"} & attrs:
-            problems.append(f"custom op {node.domain}::{node.op_type} has no plugin mapping (plugin_namespace / "
-                            "plugin_version attributes): inline it or map it to a plugin")
+            problems.append(
+                f"custom op {node.domain}::{node.op_type} has no plugin mapping (plugin_namespace / "
+                "plugin_version attributes): inline it or map it to a plugin"
+            )
         elif key not in functions:
-            problems.append(f"custom op {node.domain}::{node.op_type} is mapped to a plugin but has no function body "
-                            "to fall back on")
+            problems.append(
+                f"custom op {node.domain}::{node.op_type} is mapped to a plugin but has no function body "
+                "to fall back on"
+            )
         reported.add(key)
-    dims = manifest.get("dims", {})
+    dims = manifest.dims
     for value in model.graph.input:
         for d in value.type.tensor_type.shape.dim:
             if d.HasField("dim_param"):
                 spec = dims.get(d.dim_param)
                 if spec is None or spec.get("min") is None or spec.get("max") is None:
-                    problems.append(f"input {value.name} dim {d.dim_param!r} has no finite range in the manifest's dims "
-                                    "(an optimization profile needs min and max)")
+                    problems.append(
+                        f"input {value.name} dim {d.dim_param!r} has no finite range in the manifest's dims "
+                        "(an optimization profile needs min and max)"
+                    )
     return sorted(set(problems), key=problems.index)
+
+
+def lint_bundle(bundle_path: str | Path, target: str = "tensorrt") -> list[str]:
+    """Lint a bundle's graph (not its external data) with its manifest. Raises BigCodeError for a target other
+    than tensorrt, BundleError for a bundle that cannot be opened."""
+    if target != "tensorrt":
+        raise BigCodeError(f"lint knows the tensorrt target only (got {target!r})")
+    bundle = Bundle.open(bundle_path)
+    return lint_tensorrt(onnx.load(str(bundle.graph_path), load_external_data=False), bundle.manifest)

@@ -1,35 +1,49 @@
-"""The flat orchestrator: each target's passes in order, returning how many times each fired."""
+"""The flat orchestrator: each target's passes in order, recording how many times each fired and, when a pass
+fired 0 times, why."""
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
-from graphs import fold_constants, inline_functions, last_token_logits, mqa_broadcast_attention, ort_fusions
+from bigcode_deploy.graphs import (
+    fold_constants,
+    inline_functions,
+    last_token_logits,
+    mqa_broadcast_attention,
+    ort_fusions,
+)
+from bigcode_deploy.runtime.manifest import TARGETS, PassRecord
 
-TARGETS = ("portable", "ort", "tensorrt")
 
+def run_passes(model: ir.Model, target: str, last_token_only: bool = False) -> list[PassRecord]:
+    """Rewrite the model in place for the target; returns one PassRecord per pass, in the order applied.
 
-def run_passes(model: ir.Model, target: str, last_token_only: bool = False) -> list[dict]:
-    """Rewrite the model in place for the target; returns [{"name", "count"}] in the order applied."""
+    ort_fusions records one PassRecord per fusion that fired (`ort_fusions.<name>`), or one `ort_fusions` record
+    with count 0 and the reason when none did. Raises ValueError for an unknown target.
+    """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    applied: list[dict] = []
+    applied: list[PassRecord] = []
 
-    def record(name: str, count: int) -> None:
-        applied.append({"name": name, "count": int(count)})
+    def record(name: str, result: tuple[int, str | None]) -> None:
+        count, reason = result
+        applied.append(PassRecord(name, int(count), None if count else reason))
 
     if target == "tensorrt":
         # Matches the bigcode softmax node to find each attention, so it runs before the functions are inlined.
-        record("mqa_broadcast_attention", mqa_broadcast_attention.apply(model))
+        record(mqa_broadcast_attention.NAME, mqa_broadcast_attention.apply(model))
     # Every target inlines: the portable graph needs only standard ops, ORT's fusions and TensorRT's importer see
     # plain ops (a bigcode node left in a TensorRT graph would need a plugin).
-    record("inline_functions", inline_functions.apply(model))
+    record(inline_functions.NAME, inline_functions.apply(model))
     if last_token_only:
         # Before folding, so the slice's constants fold with the rest.
-        record("last_token_logits", last_token_logits.apply(model))
-    record("fold_constants", fold_constants.apply(model))
+        record(last_token_logits.NAME, last_token_logits.apply(model))
+    record(fold_constants.NAME, fold_constants.apply(model))
     if target == "ort":
         # After folding: the fusion patterns match constants, not the subgraphs that computed them.
-        for name, count in ort_fusions.apply(model).items():
-            record(f"ort_fusions.{name}", count)
+        counts, reason = ort_fusions.apply(model)
+        for name, count in counts.items():
+            record(f"{ort_fusions.NAME}.{name}", (count, None))
+        if not counts:
+            record(ort_fusions.NAME, (0, reason))
     return applied

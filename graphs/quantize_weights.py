@@ -4,7 +4,9 @@ Done by ONNX Runtime's own quantizer (onnxruntime.quantization MatMulNBitsQuanti
 MatMulNBits, whose CPU kernel reads 4- or 8-bit blocks and, at accuracy_level 4, computes with int8
 activations. The token embedding is a Gather, which the quantizer leaves alone, so embeddings stay exact
 (the tied lm_head is a separate, pre-transposed initializer in the exported graph). Symmetric blocks of 32
-along the input dimension. Fires once per MatMul quantized.
+along the input dimension.
+Pattern: MatMul with a constant 2-D weight (a tied FusedMatMul(transB=1) is first turned into one). Check: there
+is one. Rewrite: the quantizer. Fires once per MatMul quantized.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import MatchResult
 
+from bigcode_deploy.graphs._ir import fail, ok
+
+NAME = "quantize_weights"  # recorded as quantize_weights.<scheme>
 BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: the fast CPU path
@@ -32,9 +38,15 @@ def _untranspose_weights(model: ir.Model) -> int:
             continue
         attrs = {name: attr.value for name, attr in node.attributes.items()}
         weight = node.inputs[1]
-        if (attrs.get("transB", 0) != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
-                or attrs.get("transBatchA", 0) or attrs.get("transBatchB", 0)
-                or weight.const_value is None or len(weight.shape) != 2):
+        if (
+            attrs.get("transB", 0) != 1
+            or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("transBatchA", 0)
+            or attrs.get("transBatchB", 0)
+            or weight.const_value is None
+            or len(weight.shape) != 2
+        ):
             continue
         name = f"{weight.name}.transposed"
         transposed = graph.initializers.get(name)
@@ -52,23 +64,63 @@ def _untranspose_weights(model: ir.Model) -> int:
     return count
 
 
-def apply(model: ir.Model, scheme: str) -> tuple[ir.Model, int]:
-    """Returns a new model (the quantizer works on protos) and the number of MatMuls quantized."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def pattern(model: ir.Model) -> list[ir.Node]:
+    """The MatMuls the quantizer targets: a plain MatMul whose second input is a constant 2-D weight."""
+    return [
+        node
+        for node in model.graph.all_nodes()
+        if node.op_type == "MatMul"
+        and node.domain == ""
+        and node.inputs[1] is not None
+        and node.inputs[1].const_value is not None
+        and len(node.inputs[1].const_value.shape) == 2
+    ]
 
+
+def check(model: ir.Model, scheme: str) -> MatchResult:
+    """Success when there is a MatMul with a constant 2-D weight to quantize; else the reason.
+
+    Raises ValueError for an unknown scheme.
+    """
     if scheme not in BITS:
         raise ValueError(f"unknown quantization {scheme!r}; choose one of {', '.join(BITS)}")
-    _untranspose_weights(model)
+    if not pattern(model):
+        return fail("no MatMul (or FusedMatMul with transB=1) has a constant 2-D weight")
+    return ok()
+
+
+def rewrite(model: ir.Model, scheme: str) -> ir.Model:
+    """A new model whose weight MatMuls are com.microsoft MatMulNBits (the quantizer works on protos)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     proto = ir.serde.serialize_model(model)
     logger = logging.getLogger("onnxruntime.quantization")
     level = logger.level
     logger.setLevel(logging.WARNING)  # it logs one line per node at INFO
     try:
-        quantizer = MatMulNBitsQuantizer(proto, bits=BITS[scheme], block_size=BLOCK_SIZE, is_symmetric=True,
-                                         accuracy_level=ACCURACY_LEVEL)
+        quantizer = MatMulNBitsQuantizer(
+            proto, bits=BITS[scheme], block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL
+        )
         quantizer.process()
     finally:
         logger.setLevel(level)
-    quantized = quantizer.model.model
-    count = sum(1 for n in quantized.graph.node if n.op_type == "MatMulNBits")
-    return ir.serde.deserialize_model(quantized), count
+    return ir.serde.deserialize_model(quantizer.model.model)
+
+
+def apply(model: ir.Model, scheme: str) -> tuple[ir.Model, int, str | None]:
+    """(new model, number of MatMuls quantized, None), or (the model, 0, the reason nothing was quantized).
+
+    The input model's tied FusedMatMul(transB=1) nodes are turned into MatMuls first (in place).
+    """
+    if scheme not in BITS:
+        raise ValueError(f"unknown quantization {scheme!r}; choose one of {', '.join(BITS)}")
+    _untranspose_weights(model)
+    result = check(model, scheme)
+    if not result:
+        return model, 0, result.reason
+    candidates = len(pattern(model))
+    quantized = rewrite(model, scheme)
+    count = sum(1 for n in quantized.graph.all_nodes() if (n.domain, n.op_type) == ("com.microsoft", "MatMulNBits"))
+    if not count:
+        return quantized, 0, f"ONNX Runtime's MatMulNBitsQuantizer quantized none of the {candidates} weight MatMuls"
+    return quantized, count, None

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from runtime.backends import open_backend
-from runtime.bundle import Bundle
-from runtime.session import DecodingSession
+from bigcode_deploy.runtime.backends import open_backend
+from bigcode_deploy.runtime.bundle import Bundle
+from bigcode_deploy.runtime.session import DecodingSession
 
 
 @dataclass
@@ -31,23 +31,36 @@ class BenchResult:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"{self.backend}: batch {self.batch}, prompt {self.prompt_len}, {self.new_tokens} new tokens: "
-                f"prefill {self.prefill_s * 1000:.1f} ms, decode {self.decode_tok_s:.1f} tokens/s "
-                f"({self.token_latency_ms:.2f} ms/step), peak RSS {self.peak_rss_mb:.0f} MB")
+        return (
+            f"{self.backend}: batch {self.batch}, prompt {self.prompt_len}, {self.new_tokens} new tokens: "
+            f"prefill {self.prefill_s * 1000:.1f} ms, decode {self.decode_tok_s:.1f} tokens/s "
+            f"({self.token_latency_ms:.2f} ms/step), peak RSS {self.peak_rss_mb:.0f} MB"
+        )
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_bundle(bundle_path, *, prompt_len: int = 128, new_tokens: int = 64, batch: int = 1, backend: str = "ort",
-                 repeats: int = 3, warmup: int = 1, threads: int = 0, model_dir=None, seed: int = 0) -> BenchResult:
+def bench_bundle(
+    bundle_path,
+    *,
+    prompt_len: int = 128,
+    new_tokens: int = 64,
+    batch: int = 1,
+    backend: str = "ort",
+    repeats: int = 3,
+    warmup: int = 1,
+    threads: int = 0,
+    seed: int = 0,
+    opener=None,
+) -> BenchResult:
     """Greedy decoding with no stop token, so every repeat does the same work."""
     bundle = Bundle.open(bundle_path)
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, bundle.config["vocab_size"], (batch, prompt_len)).tolist()
     prefill, rates, steps_all, tail_all = [], [], [], []
-    with open_backend(bundle, backend, model_dir=model_dir, threads=threads) as b:
+    with (opener or open_backend)(bundle, backend, threads=threads) as b:
         session = DecodingSession(b, bundle)
         session.check_fits(prompts, new_tokens)
         for r in range(warmup + repeats):
@@ -63,10 +76,16 @@ def bench_bundle(bundle_path, *, prompt_len: int = 128, new_tokens: int = 64, ba
                 prefill.append(prefill_s)
                 rates.append(batch * len(step_times) / sum(step_times))
                 steps_all.extend(step_times)
-                tail_all.extend(step_times[-max(1, len(step_times) // 8):])
+                tail_all.extend(step_times[-max(1, len(step_times) // 8) :])
     return BenchResult(
-        backend=backend, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-        prefill_s=statistics.median(prefill), decode_tok_s=statistics.median(rates),
-        token_latency_ms=statistics.median(steps_all) * 1000, last_token_latency_ms=statistics.median(tail_all) * 1000,
+        backend=backend,
+        batch=batch,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        prefill_s=statistics.median(prefill),
+        decode_tok_s=statistics.median(rates),
+        token_latency_ms=statistics.median(steps_all) * 1000,
+        last_token_latency_ms=statistics.median(tail_all) * 1000,
         peak_rss_mb=peak_rss_mb(),
     )

@@ -18,8 +18,15 @@ import traceback
 
 import numpy as np
 
-from exporter import __version__
-from exporter.errors import BigCodeError, CheckpointError, ConfigError
+from bigcode_deploy.runtime.errors import (
+    BackendUnavailable,
+    BigCodeError,
+    BundleError,
+    CheckpointError,
+    ConfigError,
+    ContextOverflow,
+)
+from bigcode_deploy.runtime.version import __version__
 
 OK, INVALID_ARGUMENT, BAD_BUNDLE, CONTEXT_OVERFLOW, BACKEND_UNAVAILABLE, CANCELLED, STATE, INTERNAL = range(8)
 
@@ -33,20 +40,23 @@ class Cancelled(BigCodeError):
 
 
 def status_of(exc: BaseException) -> int:
-    from runtime.backends import BackendUnavailable
-    from runtime.bundle import BundleError
-    from runtime.session import ContextOverflow
-
-    for kind, status in ((Cancelled, CANCELLED), (StateError, STATE), (ContextOverflow, CONTEXT_OVERFLOW),
-                         (BackendUnavailable, BACKEND_UNAVAILABLE), (BundleError, BAD_BUNDLE),
-                         (CheckpointError, BAD_BUNDLE), (ConfigError, INVALID_ARGUMENT), (BigCodeError, INVALID_ARGUMENT)):
+    for kind, status in (
+        (Cancelled, CANCELLED),
+        (StateError, STATE),
+        (ContextOverflow, CONTEXT_OVERFLOW),
+        (BackendUnavailable, BACKEND_UNAVAILABLE),
+        (BundleError, BAD_BUNDLE),
+        (CheckpointError, BAD_BUNDLE),
+        (ConfigError, INVALID_ARGUMENT),
+        (BigCodeError, INVALID_ARGUMENT),
+    ):
         if isinstance(exc, kind):
             return status
     return INTERNAL
 
 
 class Session:
-    def __init__(self, bundle_handle: "BundleHandle"):
+    def __init__(self, bundle_handle: BundleHandle):
         self.owner = bundle_handle
         self.decoding = bundle_handle.generator.session()
         self.logits: np.ndarray | None = None
@@ -61,15 +71,14 @@ class Session:
 
 class BundleHandle:
     def __init__(self, path: str, backend: str, threads: int):
-        from runtime.api import Generator
-        from runtime.backends import open_backend
-        from runtime.bundle import Bundle
+        from bigcode_deploy.runtime.api import Generator
+        from bigcode_deploy.runtime.backends import open_backend
+        from bigcode_deploy.runtime.bundle import Bundle
 
         bundle = Bundle.open(path)
         self.backend = open_backend(bundle, backend, threads=threads)
         self.backend.__enter__()
         self.generator = Generator(bundle, self.backend)
-        self.sessions = 0
 
     def close(self) -> None:
         self.backend.__exit__(None, None, None)
@@ -95,8 +104,10 @@ def install(ffi, lib) -> None:
             except BaseException as exc:  # nothing may cross into C
                 status = status_of(exc)
                 if status == INTERNAL:
-                    set_error(f"internal error: {type(exc).__name__}: {exc} "
-                              f"({traceback.extract_tb(exc.__traceback__)[-1].filename.split('/')[-1]})")
+                    set_error(
+                        f"internal error: {type(exc).__name__}: {exc} "
+                        f"({traceback.extract_tb(exc.__traceback__)[-1].filename.split('/')[-1]})"
+                    )
                 else:
                     set_error(str(exc))
                 return status
@@ -172,15 +183,21 @@ def install(ffi, lib) -> None:
         b = lookup(bundle, BundleHandle, "bundle")
         manifest = b.generator.bundle.manifest
         info = {
-            "task": manifest["task"], "dtype": manifest["dtype"], "target": manifest["target"],
-            "vocab_size": manifest["config"]["vocab_size"], "n_positions": manifest["config"]["n_positions"],
-            "has_tokenizer": b.generator.tokenizer is not None, "backend": b.backend.name,
+            "task": manifest.task,
+            "dtype": manifest.dtype,
+            "target": manifest.target,
+            "vocab_size": manifest.config["vocab_size"],
+            "n_positions": manifest.config["n_positions"],
+            "has_tokenizer": b.generator.tokenizer is not None,
+            "backend": b.backend.name,
         }
         parity = b.generator.bundle.path / "parity.json"
         if parity.is_file():
             report = json.loads(parity.read_text())
-            info["parity"] = {k: report.get(k) for k in ("ok", "backend", "dtype", "top1_agreement",
-                                                         "mean_abs_logit_error", "greedy_first_divergence")}
+            info["parity"] = {
+                k: report.get(k)
+                for k in ("ok", "backend", "dtype", "top1_agreement", "mean_abs_logit_error", "greedy_first_divergence")
+            }
         data = json.dumps(info).encode()
         if needed != ffi.NULL:
             needed[0] = len(data) + 1
@@ -227,8 +244,8 @@ def install(ffi, lib) -> None:
     @ffi.def_extern()
     @entry
     def bcr_session_generate(session, options, callback, user_data, generated):
-        from runtime.generate import GenerationStats, continue_stream
-        from runtime.text import IncrementalDecoder
+        from bigcode_deploy.runtime.generate import GenerationStats, continue_stream
+        from bigcode_deploy.runtime.text import IncrementalDecoder
 
         s = prefilled(session, "generate")
         if generated != ffi.NULL:
@@ -244,9 +261,13 @@ def install(ffi, lib) -> None:
         else:
             stops = tuple(ffi.unpack(o.stop_token_ids, o.num_stop_token_ids))
         options_py = s.owner.generator.options(
-            max_new_tokens=int(o.max_new_tokens), temperature=float(o.temperature), top_k=int(o.top_k),
-            top_p=float(o.top_p), repetition_penalty=float(o.repetition_penalty),
-            seed=int(o.seed) if o.has_seed else None, stop_token_ids=stops,
+            max_new_tokens=int(o.max_new_tokens),
+            temperature=float(o.temperature),
+            top_k=int(o.top_k),
+            top_p=float(o.top_p),
+            repetition_penalty=float(o.repetition_penalty),
+            seed=int(o.seed) if o.has_seed else None,
+            stop_token_ids=stops,
         )
         tokenizer = s.owner.generator.tokenizer
         decoders = [IncrementalDecoder(tokenizer) for _ in s.seen] if tokenizer is not None else None

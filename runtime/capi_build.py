@@ -1,10 +1,12 @@
 """Build libbigcode_runtime.so, the C ABI of runtime/include/bigcode_runtime.h, with cffi's embedding mode.
 
-    .venv/bin/python -m runtime.capi_build [OUT_DIR]      (default: build/capi)
+    .venv/bin/python -m bigcode_deploy.runtime.capi_build [OUT_DIR]      (default: build/capi)
 
 The library starts CPython on its first call. The embedded interpreter finds this project and its installed
-dependencies on the sys.path recorded here at build time (this checkout and the building interpreter's
-site-packages); BIGCODE_RUNTIME_PYTHONPATH (os.pathsep-separated) is searched first when set.
+dependencies through the building interpreter's site-packages, recorded here at build time and added with
+site.addsitedir (so .pth files, an editable install's among them, take effect); BIGCODE_RUNTIME_PYTHONPATH
+(os.pathsep-separated) is searched first when set. The header ships inside the package (package data), so the
+library also builds from an installed wheel.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from pathlib import Path
 
 import cffi
 
-ROOT = Path(__file__).resolve().parents[1]
-HEADER = ROOT / "runtime" / "include" / "bigcode_runtime.h"
+HEADER = Path(__file__).resolve().parent / "include" / "bigcode_runtime.h"
 MODULE = "_bigcode_runtime_cffi"
 
 
@@ -25,8 +26,11 @@ def declarations() -> str:
     """The header's declarations, minus what cffi's parser does not take (preprocessor lines, extern "C")."""
     text = HEADER.read_text()
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    keep = [line for line in text.splitlines()
-            if not line.startswith("#") and 'extern "C"' not in line and line.strip() != "}"]
+    keep = [
+        line
+        for line in text.splitlines()
+        if not line.startswith("#") and 'extern "C"' not in line and line.strip() != "}"
+    ]
     return "\n".join(keep)
 
 
@@ -41,20 +45,23 @@ def build(out_dir: Path) -> Path:
     ffi.embedding_api("\n".join(function_lines))
     libdir = sysconfig.get_config_var("LIBDIR")
     ffi.set_source(
-        MODULE, f'#include "{HEADER.name}"',
+        MODULE,
+        f'#include "{HEADER.name}"',
         include_dirs=[str(HEADER.parent)],
         extra_link_args=[f"-Wl,-rpath,{libdir}"] if libdir else [],
     )
-    paths = [str(ROOT), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    site_dirs = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     ffi.embedding_init_code(f"""
-import os, sys
+import os, site, sys
+for _d in {site_dirs!r}:
+    site.addsitedir(_d)
 _extra = [p for p in os.environ.get("BIGCODE_RUNTIME_PYTHONPATH", "").split(os.pathsep) if p]
-for _p in reversed(_extra + {paths!r}):
+for _p in reversed(_extra):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 from {MODULE} import ffi, lib
-import runtime.capi
-runtime.capi.install(ffi, lib)
+import bigcode_deploy.runtime.capi
+bigcode_deploy.runtime.capi.install(ffi, lib)
 """)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = ffi.compile(tmpdir=str(out_dir / "tmp"), target="libbigcode_runtime.*", verbose=False)
@@ -65,5 +72,5 @@ runtime.capi.install(ffi, lib)
 
 
 if __name__ == "__main__":
-    out = build(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "build" / "capi")
+    out = build(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("build") / "capi")
     print(out)

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from exporter.errors import BigCodeError
-from runtime.sampling import Sampler, SamplingOptions
-from runtime.session import ContextOverflow, DecodingSession
+from bigcode_deploy.runtime.errors import BigCodeError, ContextOverflow
+from bigcode_deploy.runtime.sampling import Sampler, SamplingOptions
+from bigcode_deploy.runtime.session import DecodingSession
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,10 @@ def stream(
 
 
 def continue_stream(
-    session: DecodingSession, logits: np.ndarray, prompts: list[list[int]], options: GenerationOptions,
+    session: DecodingSession,
+    logits: np.ndarray,
+    prompts: list[list[int]],
+    options: GenerationOptions,
     stats: GenerationStats | None = None,
 ) -> Iterator[TokenEvent]:
     """From a prefilled session and its last logits (rows, vocab), yield each new token as it is chosen.
@@ -101,8 +104,9 @@ def continue_stream(
     stats.decode_s = time.perf_counter() - start
 
 
-def generate(session: DecodingSession, prompts: list[list[int]], options: GenerationOptions,
-             stats: GenerationStats | None = None) -> list[list[int]]:
+def generate(
+    session: DecodingSession, prompts: list[list[int]], options: GenerationOptions, stats: GenerationStats | None = None
+) -> list[list[int]]:
     """Every row's new tokens (stop token included when one ended the row)."""
     out: list[list[int]] = [[] for _ in prompts]
     for event in stream(session, prompts, options, stats):

@@ -1,24 +1,253 @@
-"""Running the torch reference model directly (the ground truth every backend is compared with)."""
+"""Teacher-forced outputs of one side (a backend, or the torch reference) and the bundle's stored reference file.
+
+One prompt recipe (`reference_prompts`): a left-padded batch of three prompts of different lengths. One run
+(`teacher_forced`): the prompts, then cached decode steps whose tokens are given (or, for the reference, chosen
+greedily); it only runs and records, judging is runtime/parity.py's. What is recorded per step:
+- the main output (logits or last_hidden_state) at every real (non-pad) position, rows in (batch, position) order,
+  and the index of each batch row's last position among those rows;
+- per layer, statistics of the present's key half and value half over every real position of the cache (past and
+  new): mean, mean |x|, root mean square, max |x| -> (layers, 2, 4). Statistics, not the presents themselves, keep
+  the stored file small (the bound below) while a wrong layer still shows.
+
+The stored file (REFERENCE_FILE, safetensors: readable without torch, from C++ or Rust too) holds the fp32 torch
+reference and, for a bundle in fp16/bf16, the error of the torch model in that dtype to it (what reduced-precision
+criteria scale from). Size bound: 4 bytes x (real positions x width of the main output + steps x layers x 8) plus
+the same again for the error terms' statistics; with the recipe's at most 12 + 6 + 1 prompt tokens and 4 steps
+(31 positions) that is under 31 x vocab x 4 bytes: 6.1 MB at StarCoder's 49,152 tokens, 0.5 MB for the
+default model.
+"""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from exporter.checkpoint import load_model
-from exporter.errors import BigCodeError
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from bigcode_deploy.runtime.bundle import Bundle, left_pad, position_ids
+from bigcode_deploy.runtime.errors import BundleError
+from bigcode_deploy.runtime.hashing import sha256_file
+from bigcode_deploy.runtime.manifest import Manifest, ReferenceRecord
+
+STEPS = 4  # cached decode steps after the prefill
+GREEDY_TOKENS = 8  # the reference's free-running greedy continuation, stored for the report
+STATS = ("mean", "mean_abs", "rms", "max_abs")
+
+Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # named arrays in, named arrays out
 
 
-def next_token_candidates(model_dir, token_ids: list[int], top: int = 5, dtype: str = "fp32") -> list[tuple[int, float]]:
-    """The `top` most likely next tokens after `token_ids`, with their logits."""
-    model, config = load_model(model_dir, task="causal-lm", dtype=dtype)
-    if not token_ids:
-        raise BigCodeError("the prompt is empty: give at least one token id")
-    bad = [t for t in token_ids if not 0 <= t < config.vocab_size]
-    if bad:
-        raise BigCodeError(f"token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
-    if len(token_ids) > config.n_positions:
-        raise BigCodeError(f"the prompt has {len(token_ids)} tokens; the model's context is {config.n_positions}")
-    with torch.no_grad():
-        logits, _ = model(torch.tensor([token_ids]))
-    values, indices = logits[0, -1].float().topk(min(top, config.vocab_size))
-    return [(int(i), float(v)) for v, i in zip(values, indices)]
+def reference_prompts(vocab_size: int, n_positions: int, seed: int = 0) -> list[list[int]]:
+    """The one prompt recipe: three random-id prompts of lengths L, L // 2 (>= 1) and 1, L = min(12, n_positions // 4)
+    (at least 1), so a left-padded batch holds rows of three different lengths wherever the context allows."""
+    rng = np.random.default_rng(seed)
+    longest = max(1, min(12, n_positions // 4))
+    return [rng.integers(0, vocab_size, n).tolist() for n in (longest, max(1, longest // 2), 1)]
+
+
+def steps_that_fit(prompts: list[list[int]], n_positions: int, steps: int) -> int:
+    return max(0, min(steps, n_positions - max(len(p) for p in prompts)))
+
+
+@dataclass
+class StepOutputs:
+    """One side's outputs at one step.
+
+    main: (real positions, width) float32, rows in (batch row, position) order; last: (B,) index of each batch
+    row's last position in `main`; present_stats: (layers, 2, 4) float64 or None for a graph without a cache.
+    """
+
+    main: np.ndarray
+    last: np.ndarray
+    present_stats: np.ndarray | None
+
+
+@dataclass
+class TeacherForced:
+    """A teacher-forced run: prompts, the tokens fed at each decode step (steps, B), and each step's outputs."""
+
+    prompts: list[list[int]]
+    tokens: np.ndarray
+    steps: list[StepOutputs] = field(default_factory=list)
+
+
+def present_stats(presents: list[np.ndarray], mask: np.ndarray, sequence_axis: int, head_dim: int) -> np.ndarray:
+    """(layers, 2, 4): per layer, for the key half and the value half of the merged cache, STATS over every real
+    position (mask (B, S) == 1). presents: MQA (B, S, 2D) or MHA (B, H, S, 2D) each."""
+    out = np.zeros((len(presents), 2, len(STATS)), dtype=np.float64)
+    real = mask.astype(bool)
+    for layer, present in enumerate(presents):
+        p = np.asarray(present, dtype=np.float64)
+        if sequence_axis == 2:  # MHA (B, H, S, 2D) -> (B, S, H, 2D)
+            p = p.transpose(0, 2, 1, 3)
+        rows = p[real]  # (real positions, [H,] 2D)
+        for half, part in enumerate((rows[..., :head_dim], rows[..., head_dim:])):
+            values = part.reshape(-1)
+            if values.size == 0:
+                continue
+            out[layer, half] = (values.mean(), np.abs(values).mean(), np.sqrt((values**2).mean()), np.abs(values).max())
+    return out
+
+
+def teacher_forced(
+    run: Run, manifest: Manifest, prompts: list[list[int]], tokens: np.ndarray | None, steps: int
+) -> TeacherForced:
+    """Run one side over the prompts and `steps` cached decode steps, feeding back its own presents.
+
+    tokens: (steps, B) int64 ids to feed at each decode step, or None to feed this side's own greedy choice (the
+    argmax of the main output at each row's last position; the reference's role). A graph without a cache, or a
+    task other than causal-lm without given tokens, runs the prefill only. A candidate whose logits cover the last
+    position only (manifest.logits_positions == "last") records that position only.
+    """
+    past_names, present_names = manifest.past_names(), manifest.present_names()
+    main_name = manifest.main_output
+    if not past_names:
+        steps = 0
+    if tokens is None and manifest.task != "causal-lm":
+        steps = 0
+    ids, mask = left_pad(prompts)
+    batch = len(prompts)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if past_names:
+        feeds.update(Bundle.empty_past_for(manifest, batch))
+    new_mask = mask
+    fed: list[np.ndarray] = []
+    result = TeacherForced(prompts=[list(p) for p in prompts], tokens=np.zeros((0, batch), dtype=np.int64))
+    for step in range(steps + 1):
+        past_length = feeds["attention_mask"].shape[1] - feeds["input_ids"].shape[1]
+        if "position_ids" in manifest.input_names:
+            feeds["position_ids"] = position_ids(feeds["attention_mask"], past_length)
+        out = run(feeds)
+        main = np.asarray(out[main_name], dtype=np.float32)
+        if main.ndim == 3:
+            real = new_mask.astype(bool)
+            if main.shape[1] != real.shape[1]:  # last-token logits: (B, 1, V)
+                real = real[:, -1:]
+            rows = main[real]  # (real positions, width)
+            last = np.cumsum(real.sum(axis=1)) - 1  # left padding: each row's last position is its last real one
+        else:  # pooled (B, labels)
+            rows, last = main, np.arange(main.shape[0])
+        stats = None
+        if present_names:
+            kv = manifest.kv_cache
+            stats = present_stats(
+                [out[n] for n in present_names], feeds["attention_mask"], kv.sequence_axis, kv.head_dim
+            )
+        result.steps.append(StepOutputs(rows, last.astype(np.int64), stats))
+        if step == steps:
+            break
+        next_ids = (
+            rows[last].argmax(-1).astype(np.int64) if tokens is None else np.asarray(tokens[step], dtype=np.int64)
+        )  # (B,)
+        fed.append(next_ids)
+        new_mask = np.ones((batch, 1), dtype=np.int64)
+        feeds = {
+            "input_ids": next_ids[:, None],
+            "attention_mask": np.concatenate([feeds["attention_mask"], new_mask], axis=1),
+            **{p: out[q] for p, q in zip(past_names, present_names)},
+        }
+    result.tokens = np.stack(fed) if fed else np.zeros((0, batch), dtype=np.int64)
+    return result
+
+
+@dataclass
+class ReferenceOutputs:
+    """What a candidate is judged against: the fp32 reference's teacher-forced run, its greedy continuation, and
+    (for a reduced-precision bundle) the same-dtype torch model's error to it per step: main (max abs, mean abs)
+    and present statistics (layers, 2, 4) absolute differences. `kind` says where it came from (stored / live)."""
+
+    run: TeacherForced
+    greedy: list[list[int]]
+    model_dtype: str
+    kind: str
+    main_error: np.ndarray | None = None  # (steps + 1, 2): the dtype model's max abs and mean abs error
+    stats_error: np.ndarray | None = None  # (steps + 1, layers, 2, 4)
+
+    def to_tensors(self) -> dict[str, np.ndarray]:
+        tensors = {
+            "prompt_ids": np.concatenate([np.asarray(p, dtype=np.int64) for p in self.run.prompts]),
+            "prompt_lengths": np.asarray([len(p) for p in self.run.prompts], dtype=np.int64),
+            "tokens": self.run.tokens.astype(np.int64),
+            "greedy": np.asarray(self.greedy, dtype=np.int64).reshape(len(self.greedy), -1)
+            if self.greedy
+            else np.zeros((0, 0), dtype=np.int64),
+        }
+        for i, s in enumerate(self.run.steps):
+            tensors[f"step{i}.main"] = np.ascontiguousarray(s.main, dtype=np.float32)
+            tensors[f"step{i}.last"] = s.last.astype(np.int64)
+            if s.present_stats is not None:
+                tensors[f"step{i}.present_stats"] = s.present_stats.astype(np.float64)
+        if self.main_error is not None:
+            tensors["main_error"] = self.main_error.astype(np.float64)
+        if self.stats_error is not None:
+            tensors["stats_error"] = self.stats_error.astype(np.float64)
+        return tensors
+
+    def save(self, bundle_dir: Path, file: str) -> ReferenceRecord:
+        """Write the safetensors file into bundle_dir; returns the manifest's record of it (with its sha256)."""
+        path = Path(bundle_dir) / file
+        save_file(self.to_tensors(), str(path), metadata={"model_dtype": self.model_dtype})
+        path.chmod(0o644)  # a shipped artifact: readable like the bundle's other files
+        return ReferenceRecord(
+            file=file,
+            sha256=sha256_file(path),
+            prompts=self.run.prompts,
+            steps=len(self.run.steps) - 1,
+            dtype="fp32",
+            model_dtype=self.model_dtype,
+            greedy_tokens=len(self.greedy[0]) if self.greedy else 0,
+            bytes=path.stat().st_size,
+        )
+
+    @classmethod
+    def load(cls, bundle: Bundle) -> ReferenceOutputs:
+        """The bundle's stored reference, checked against the manifest's sha256 and prompts.
+
+        Raises BundleError when the bundle has none, the file is missing, changed or unreadable."""
+        record = bundle.manifest.reference
+        if record is None:
+            raise BundleError(
+                f"{bundle.path} has no stored reference outputs (exported without them); verify it with "
+                "--model MODEL_DIR against the live torch reference, or re-export it"
+            )
+        path = bundle.path / record.file
+        if Path(record.file).name != record.file or not path.is_file():
+            raise BundleError(f"{path} (the stored reference outputs) is missing from the bundle; re-export it")
+        if sha256_file(path) != record.sha256:
+            raise BundleError(f"{path} does not match the sha256 in manifest.json; re-export the bundle")
+        try:
+            t = load_file(str(path))
+            lengths = t["prompt_lengths"].tolist()
+            flat = t["prompt_ids"].tolist()
+            prompts, start = [], 0
+            for n in lengths:
+                prompts.append(flat[start : start + n])
+                start += n
+            steps = [
+                StepOutputs(t[f"step{i}.main"], t[f"step{i}.last"], t.get(f"step{i}.present_stats"))
+                for i in range(record.steps + 1)
+            ]
+        except (KeyError, ValueError, OSError) as exc:
+            raise BundleError(f"{path} is not a readable reference file ({exc}); re-export the bundle") from None
+        if prompts != record.prompts:
+            raise BundleError(f"{path} holds other prompts than manifest.json records; re-export the bundle")
+        layers = bundle.manifest.kv_cache.num_layers if bundle.manifest.kv_cache else 0
+        for i, s in enumerate(steps):
+            rows = s.main.shape[0]
+            if (
+                s.main.ndim != 2
+                or s.last.shape != (len(prompts),)
+                or (rows and (s.last.min() < 0 or s.last.max() >= rows))
+                or (s.present_stats is not None and s.present_stats.shape != (layers, 2, len(STATS)))
+            ):
+                raise BundleError(f"{path}: step {i}'s arrays do not fit the manifest; re-export the bundle")
+        run = TeacherForced(prompts=prompts, tokens=t["tokens"], steps=steps)
+        return cls(
+            run=run,
+            greedy=t["greedy"].tolist(),
+            model_dtype=record.model_dtype,
+            kind="stored",
+            main_error=t.get("main_error"),
+            stats_error=t.get("stats_error"),
+        )

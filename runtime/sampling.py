@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exporter.errors import BigCodeError
+from bigcode_deploy.runtime.errors import BigCodeError
 
 
 @dataclass(frozen=True)

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.errors import BigCodeError
-from runtime.bundle import Bundle, left_pad, position_ids
-
-class ContextOverflow(BigCodeError):
-    """A prompt plus the tokens to generate would exceed the model's context."""
+from bigcode_deploy.runtime.bundle import Bundle, left_pad, position_ids
+from bigcode_deploy.runtime.errors import BigCodeError, ContextOverflow
 
 
 class DecodingSession:
+    """One batch's decoding state over an entered backend: prefill(prompts) -> (B, vocab) float32 logits of each
+    row's last position; step(tokens (B,)) -> (B, vocab); keep_rows(mask (B,)) drops finished rows and their cache.
+    Raises BigCodeError for a bundle that is not causal-lm with a cache, an empty prompt or an id outside the
+    vocabulary; ContextOverflow when the context would exceed n_positions."""
+
     def __init__(self, backend, bundle: Bundle):
-        if bundle.manifest["task"] != "causal-lm" or bundle.kv_cache is None:
+        if bundle.manifest.task != "causal-lm" or bundle.kv_cache is None:
             raise BigCodeError(
                 f"decoding needs a causal-lm bundle with a KV cache; {bundle.path} is task "
-                f"{bundle.manifest['task']!r}" + ("" if bundle.kv_cache else " without a cache (exported with --no-cache)")
+                f"{bundle.manifest.task!r}" + ("" if bundle.kv_cache else " without a cache (exported with --no-cache)")
             )
         self.backend = backend
         self.bundle = bundle
@@ -55,8 +57,9 @@ class DecodingSession:
                 raise BigCodeError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         self.check_fits(prompts, 0)
         input_ids, mask = left_pad(prompts)  # (B, T) each
-        logits, self.cache = self.backend.step(input_ids, mask, position_ids(mask, 0),
-                                               self.backend.empty_cache(len(prompts)))
+        logits, self.cache = self.backend.step(
+            input_ids, mask, position_ids(mask, 0), self.backend.empty_cache(len(prompts))
+        )
         self.attention_mask = mask
         self.next_position = mask.sum(1)  # the next token's position: the count of real tokens so far
         self.rows = np.arange(len(prompts))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from exporter.errors import BigCodeError
-from runtime.bundle import Bundle
+from bigcode_deploy.runtime.bundle import Bundle
+from bigcode_deploy.runtime.errors import BigCodeError
 
 
 def load_tokenizer(bundle: Bundle):
     """The bundle's tokenizers.Tokenizer, or None when the bundle has no tokenizer.json."""
-    name = bundle.manifest.get("tokenizer")
+    name = bundle.manifest.tokenizer
     if not name:
         return None
     from tokenizers import Tokenizer
@@ -39,5 +39,5 @@ class IncrementalDecoder:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=False)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return ""
-        new, self.text = text[len(self.text):], text
+        new, self.text = text[len(self.text) :], text
         return new

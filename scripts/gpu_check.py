@@ -1,13 +1,12 @@
 """GPU check: the reference model on CUDA against the CPU, the ORT bundle on CUDA, and TensorRT where installed.
 
 Run by scripts/gpu_check.sh on a machine with an NVIDIA GPU. Prints a parity table and decode latencies; each part
-that cannot run (no onnxruntime-gpu, no tensorrt) prints one line saying what is missing.
+that cannot run (no onnxruntime-gpu, no cuda-python, no tensorrt) prints one line saying what is missing.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import tempfile
 import time
@@ -15,21 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from exporter.checkpoint import load_model
-from exporter.config import GPTBigCodeConfig
-from exporter.model import GPTBigCodeForCausalLM, init_weights
-from runtime.parity import TOLERANCES, compare
+from bigcode_deploy.exporter.checkpoint import load_model, save_checkpoint
+from bigcode_deploy.exporter.config import GPTBigCodeConfig
+from bigcode_deploy.exporter.model import GPTBigCodeForCausalLM, init_weights
+from bigcode_deploy.runtime.parity import REDUCED_PRECISION_FACTOR, TOLERANCES, ULP_AT_ONE
 
 
 def write_checkpoint(path: Path, **config) -> Path:
     cfg = GPTBigCodeConfig(**config)
-    model = init_weights(GPTBigCodeForCausalLM(cfg), cfg, seed=0)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(cfg.to_dict()))
-    return path
+    return save_checkpoint(init_weights(GPTBigCodeForCausalLM(cfg), cfg, seed=0), cfg, path)
 
 
 def decode(model, device, ids, mask, steps, tokens=None):
@@ -55,18 +49,30 @@ def reference_on_cuda(model_dir: Path, label: str) -> bool:
     ids = torch.zeros(3, T, dtype=torch.long)
     mask = torch.zeros(3, T, dtype=torch.long)
     for r, n in enumerate(lengths):
-        ids[r, T - n:] = torch.randint(0, config.vocab_size, (n,), generator=g)
-        mask[r, T - n:] = 1
+        ids[r, T - n :] = torch.randint(0, config.vocab_size, (n,), generator=g)
+        mask[r, T - n :] = 1
     expected, tokens = decode(cpu, "cpu", ids, mask, 3)
     for dtype in ("fp32", "fp16", "bf16"):
         model, _ = load_model(model_dir, dtype=dtype)
         actual, _ = decode(model, "cuda", ids, mask, 3, tokens)
-        atol, rtol = TOLERANCES[dtype] if dtype != "fp32" else (1e-4, 1e-4)
-        worst = max(compare("logits", a.numpy(), e.numpy(), atol, rtol).max_abs for a, e in zip(actual, expected))
-        bad = sum(compare("logits", a.numpy(), e.numpy(), atol, rtol).mismatches for a, e in zip(actual, expected))
-        top1 = np.mean([(a[:, -1].argmax(-1) == e[:, -1].argmax(-1)).float().mean().item() for a, e in zip(actual, expected)])
-        # Half precision on CUDA is compared with the fp32 CPU model: its error includes the dtype's own rounding.
-        verdict = "ok" if (bad == 0 or dtype != "fp32") and top1 >= (1.0 if dtype == "fp32" else 2 / 3) else "FAIL"
+        errors = [np.abs(a.numpy() - e.numpy()) for a, e in zip(actual, expected)]
+        worst = max(float(d.max()) for d in errors)
+        top1 = np.mean(
+            [(a[:, -1].argmax(-1) == e[:, -1].argmax(-1)).float().mean().item() for a, e in zip(actual, expected)]
+        )
+        if dtype == "fp32":  # the product's fp32 criterion: elementwise, abs or rel
+            atol, rtol = TOLERANCES["fp32"]
+            good = all(((d <= atol) | (d <= rtol * np.abs(e.numpy()))).all() for d, e in zip(errors, expected))
+        else:  # the product's reduced-precision criterion: within a factor of the CPU torch model's own error
+            cpu_reduced, _ = load_model(model_dir, dtype=dtype)
+            own, _ = decode(cpu_reduced, "cpu", ids, mask, 3, tokens)
+            good = all(
+                float(d.max())
+                <= REDUCED_PRECISION_FACTOR * float(np.abs(o.numpy() - e.numpy()).max())
+                + ULP_AT_ONE[dtype] / 2 * float(np.abs(e.numpy()).max())
+                for d, o, e in zip(errors, own, expected)
+            )
+        verdict = "ok" if good and top1 >= (1.0 if dtype == "fp32" else 2 / 3) else "FAIL"
         ok &= verdict == "ok"
         print(f"{label:<26}{'torch cuda ' + dtype:<18}{'torch cpu fp32':<16}{worst:>10.2e}{top1:>7.2f}  {verdict}")
     return ok
@@ -93,50 +99,90 @@ def decode_latency(model_dir: Path, device: str, dtype: str, prompt: int = 64, n
     return float(np.median(times[4:]) * 1000)
 
 
+def cuda_python_copies() -> bool:
+    """runtime/cuda.py on the device (what the TensorRT backend moves its buffers with): uploads, the KV-cache row
+    gather, the last-position logits download. Prints one line; True when it passes or cannot run here."""
+    from bigcode_deploy.runtime import cuda
+    from bigcode_deploy.runtime.errors import BackendUnavailable
+
+    try:
+        cuda.cudart()
+    except BackendUnavailable as exc:
+        print(f"cuda-python: not checked: {exc}")
+        return True
+    name, capability = cuda.device_info()
+    rng = np.random.default_rng(0)
+    cache = rng.standard_normal((4, 7, 16)).astype(np.float16)
+    logits = rng.standard_normal((3, 5, 11)).astype(np.float32)
+    with cuda.Stream() as stream:
+        device = cuda.to_device(cache, stream)
+        gathered = cuda.to_host(cuda.gather_rows(device, [3, 0, 1], stream), stream)
+        last = cuda.last_position_to_host(cuda.to_device(logits, stream), stream)
+        roundtrip = cuda.to_host(device, stream)
+    good = (
+        np.array_equal(gathered, cache[[3, 0, 1]])
+        and np.array_equal(last, logits[:, -1])
+        and np.array_equal(roundtrip, cache)
+        and device.ptr % cuda.ALIGNMENT == 0
+    )
+    print(f"cuda-python copies on {name} (sm{capability[0]}{capability[1]}): " + ("ok" if good else "FAIL"))
+    return good
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("gpu check: no CUDA device visible to torch; nothing to check")
         return 1
-    print(f"device: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}), torch {torch.__version__}")
+    print(
+        f"device: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}), "
+        f"torch {torch.__version__}"
+    )
     work = Path(tempfile.mkdtemp())
     models = {
         "default model": Path("exporter/default_model"),
-        "random 4-layer (std 0.2)": write_checkpoint(work / "random", vocab_size=512, n_positions=128, n_embd=128,
-                                                     n_layer=4, n_head=4, initializer_range=0.2),
+        "random 4-layer (std 0.2)": write_checkpoint(
+            work / "random", vocab_size=512, n_positions=128, n_embd=128, n_layer=4, n_head=4, initializer_range=0.2
+        ),
     }
     print(f"{'model':<26}{'candidate':<18}{'reference':<16}{'max abs':>10}{'top-1':>7}  result")
     ok = all([reference_on_cuda(path, label) for label, path in models.items()])
 
-    from exporter.export import export_bundle
-    from exporter.progress import quiet
-    from runtime.verify import verify_bundle
+    from bigcode_deploy.exporter.export import export_bundle
+    from bigcode_deploy.runtime.progress import quiet
+    from bigcode_deploy.runtime.verify import verify_bundle
 
     bundle = export_bundle(models["random 4-layer (std 0.2)"], work / "bundle", progress=quiet)
     report = verify_bundle(bundle, steps=3)
-    print(f"{'random 4-layer (std 0.2)':<26}{'ort cpu fp32':<18}{'torch cpu fp32':<16}"
-          f"{max(s.logits.max_abs for s in report.steps):>10.2e}{min(s.top1 for s in report.steps):>7.2f}  "
-          + ("ok" if report.ok else "FAIL"))
+    print(
+        f"{'random 4-layer (std 0.2)':<26}{'ort cpu fp32':<18}{'torch cpu fp32':<16}"
+        f"{max(s.logits.max_abs for s in report.steps):>10.2e}{min(s.top1 for s in report.steps):>7.2f}  "
+        + ("ok" if report.ok else "FAIL")
+    )
     ok &= report.ok
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         report = verify_bundle(bundle, backend="ort-cuda", steps=3)
-        print(f"{'random 4-layer (std 0.2)':<26}{'ort cuda fp32':<18}{'torch cpu fp32':<16}"
-              f"{max(s.logits.max_abs for s in report.steps):>10.2e}{min(s.top1 for s in report.steps):>7.2f}  "
-              + ("ok" if report.ok else "FAIL"))
+        print(
+            f"{'random 4-layer (std 0.2)':<26}{'ort cuda fp32':<18}{'torch cpu fp32':<16}"
+            f"{max(s.logits.max_abs for s in report.steps):>10.2e}{min(s.top1 for s in report.steps):>7.2f}  "
+            + ("ok" if report.ok else "FAIL")
+        )
         ok &= report.ok
     else:
-        print(f"ONNX Runtime CUDA: not checked: onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
-              "(install onnxruntime-gpu)")
+        print(
+            f"ONNX Runtime CUDA: not checked: onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
+            "(install onnxruntime-gpu)"
+        )
+    ok &= cuda_python_copies()
     if importlib.util.find_spec("tensorrt") is None:
         print("TensorRT: not checked: `import tensorrt` fails here (no engine build, no TensorRT parity)")
     else:
-        from graphs.optimize import optimize_bundle
-        from runtime.tensorrt import build_engine
+        from bigcode_deploy.workflows.build_engine import build_engine_for
 
-        trt_bundle = optimize_bundle(bundle, work / "trt", target="tensorrt", dtype="fp16", progress=quiet)
-        build_engine(trt_bundle, max_batch=4, max_prompt=32, max_context=128)
-        report = verify_bundle(trt_bundle, backend="tensorrt", steps=3)
+        # Lowering happens only on request: the engine is built in the new bundle named here.
+        build_engine_for(bundle, lower_to=work / "trt", max_batch=4, max_prompt=32, max_context=128)
+        report = verify_bundle(work / "trt", backend="tensorrt", steps=3)
         print(report.table())
         ok &= report.ok
 

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from exporter.config import GPTBigCodeConfig
-from exporter.model import GPTBigCodeForCausalLM, init_weights
+from bigcode_deploy.exporter.checkpoint import save_checkpoint
+from bigcode_deploy.exporter.config import GPTBigCodeConfig
+from bigcode_deploy.exporter.model import GPTBigCodeForCausalLM, init_weights
 
 EOT = "<|endoftext|>"
 
@@ -56,7 +56,9 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
@@ -75,8 +77,8 @@ def encode_corpus(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
 def batches(data: np.ndarray, batch: int, seq: int, rng: np.random.Generator):
     while True:
         starts = rng.integers(0, len(data) - seq - 1, batch)
-        x = np.stack([data[s:s + seq] for s in starts])
-        y = np.stack([data[s + 1:s + seq + 1] for s in starts])
+        x = np.stack([data[s : s + seq] for s in starts])
+        y = np.stack([data[s + 1 : s + seq + 1] for s in starts])
         yield torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -85,8 +87,8 @@ def perplexity(model, data: np.ndarray, seq: int, max_windows: int = 64) -> floa
     model.eval()
     losses = []
     for start in range(0, min(len(data) - seq - 1, max_windows * seq), seq):
-        x = torch.from_numpy(data[start:start + seq][None])
-        y = torch.from_numpy(data[start + 1:start + seq + 1][None])
+        x = torch.from_numpy(data[start : start + seq][None])
+        y = torch.from_numpy(data[start + 1 : start + seq + 1][None])
         logits, _ = model(x)
         losses.append(F.cross_entropy(logits[0], y[0]).item())
     model.train()
@@ -116,19 +118,32 @@ def main() -> None:
     train_files = [p for p in files if not is_held_out(p, root)]
     held_files = [p for p in files if is_held_out(p, root)]
     train_texts, held_texts = read_texts(train_files), read_texts(held_files)
-    print(f"corpus: {root} (Python {sys.version.split()[0]}): {len(train_texts)} training files, "
-          f"{len(held_texts)} held out", flush=True)
+    print(
+        f"corpus: {root} (Python {sys.version.split()[0]}): {len(train_texts)} training files, "
+        f"{len(held_texts)} held out",
+        flush=True,
+    )
 
     tokenizer = train_tokenizer(train_texts, args.vocab_size)
     train_ids, held_ids = encode_corpus(tokenizer, train_texts), encode_corpus(tokenizer, held_texts)
     eot = tokenizer.token_to_id(EOT)
-    print(f"tokenizer: {tokenizer.get_vocab_size()} tokens; {len(train_ids):,} training tokens, "
-          f"{len(held_ids):,} held out", flush=True)
+    print(
+        f"tokenizer: {tokenizer.get_vocab_size()} tokens; {len(train_ids):,} training tokens, "
+        f"{len(held_ids):,} held out",
+        flush=True,
+    )
 
     config = GPTBigCodeConfig(
-        vocab_size=tokenizer.get_vocab_size(), n_positions=args.n_positions, n_embd=args.n_embd,
-        n_layer=args.n_layer, n_head=args.n_head, multi_query=True, activation_function="gelu_pytorch_tanh",
-        bos_token_id=eot, eos_token_id=eot, pad_token_id=None,
+        vocab_size=tokenizer.get_vocab_size(),
+        n_positions=args.n_positions,
+        n_embd=args.n_embd,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        multi_query=True,
+        activation_function="gelu_pytorch_tanh",
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=None,
     )
     model = init_weights(GPTBigCodeForCausalLM(config), config, args.seed).train()
     params = sum(p.numel() for p in model.parameters())
@@ -136,7 +151,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))),
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))),
     )
     data = batches(train_ids, args.batch, args.seq, np.random.default_rng(args.seed))
     start = time.time()
@@ -158,16 +174,14 @@ def main() -> None:
             print(json.dumps(entry), flush=True)
 
     model.eval()
-    args.out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(args.out / "model.safetensors"), metadata={"format": "pt"})
-    (args.out / "config.json").write_text(json.dumps(
-        {**config.to_dict(), "architectures": ["GPTBigCodeForCausalLM"], "torch_dtype": "float32"}, indent=2) + "\n")
+    save_checkpoint(model, config, args.out)
     tokenizer.save(str(args.out / "tokenizer.json"))
-    (args.out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": eot, "eos_token_id": eot, "max_new_tokens": 64}, indent=2) + "\n")
-    (args.out / "training_log.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                           "params": params, "log": log}, indent=2) + "\n")
+    (args.out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": eot, "eos_token_id": eot, "max_new_tokens": 64}, indent=2) + "\n"
+    )
+    (args.out / "training_log.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "params": params, "log": log}, indent=2) + "\n"
+    )
     print(f"wrote {args.out}; held-out perplexity {log[-1]['held_out_perplexity']}", flush=True)
 
 

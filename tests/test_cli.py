@@ -2,7 +2,7 @@
 
 from click.testing import CliRunner
 
-from runtime.cli import main
+from bigcode_deploy.cli import main
 
 
 def test_version_and_help():

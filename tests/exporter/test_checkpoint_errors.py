@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from exporter.checkpoint import default_model_dir, load_model
-from exporter.config import GPTBigCodeConfig
-from exporter.errors import CheckpointError, ConfigError
+from bigcode_deploy.exporter.checkpoint import default_model_dir, load_model
+from bigcode_deploy.exporter.config import GPTBigCodeConfig
+from bigcode_deploy.runtime.errors import CheckpointError, ConfigError
 
 
 def edit_config(model_dir, **changes):
@@ -38,10 +38,16 @@ def test_bad_config_is_one_clear_error(hf_checkpoint, changes, message):
 
 
 def test_aliases_and_id2label():
-    config = GPTBigCodeConfig.from_dict(dict(
-        model_type="gpt_bigcode", hidden_size=64, num_attention_heads=8, num_hidden_layers=3,
-        max_position_embeddings=128, id2label={"0": "a", "1": "b", "2": "c"},
-    ))
+    config = GPTBigCodeConfig.from_dict(
+        dict(
+            model_type="gpt_bigcode",
+            hidden_size=64,
+            num_attention_heads=8,
+            num_hidden_layers=3,
+            max_position_embeddings=128,
+            id2label={"0": "a", "1": "b", "2": "c"},
+        )
+    )
     assert (config.n_embd, config.n_head, config.n_layer, config.n_positions) == (64, 8, 3, 128)
     assert config.num_labels == 3 and config.n_inner == 256 and config.head_dim == 8 and config.kv_dim == 8
 
@@ -67,7 +73,10 @@ def test_unexpected_tensor_names_it(hf_checkpoint):
 def test_config_weights_mismatch_names_tensor_and_shapes(hf_checkpoint):
     _, model_dir = hf_checkpoint()
     edit_config(model_dir, n_inner=64)  # the weights were made with 4 * n_embd = 128
-    with pytest.raises(CheckpointError, match=r"tensor transformer\.h\.0\.mlp\.c_fc\.\w+ in model\.safetensors has shape \(128,.*implies \(64,"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor transformer\.h\.0\.mlp\.c_fc\.\w+ in model\.safetensors has shape \(128,.*implies \(64,",
+    ):
         load_model(model_dir)
 
 

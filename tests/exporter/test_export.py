@@ -11,9 +11,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from exporter.export import export_bundle
-from runtime.cli import export_to_onnx_main, main
-from tests.conftest import left_padded_batch
+from bigcode_deploy.cli import export_to_onnx_main, main
+from bigcode_deploy.exporter.export import export_bundle
+from tests.helpers import left_padded_batch
 
 
 def quiet(_message: str) -> None:
@@ -30,6 +30,7 @@ def node_counts(path) -> Counter:
 
 
 # --- the manifest is the contract: a driver that knows only json, numpy and onnxruntime -------------------------
+
 
 def drive_from_manifest(bundle_dir, ids: np.ndarray, mask: np.ndarray, steps: int, next_tokens: list[np.ndarray]):
     """Prefill then cached steps using only manifest.json: what a C++ service would do. Returns outputs per step."""
@@ -57,16 +58,19 @@ def drive_from_manifest(bundle_dir, ids: np.ndarray, mask: np.ndarray, steps: in
     return results
 
 
-def hf_decode(hf_model, ids, mask, steps):
-    """The oracle: transformers' outputs and its greedy tokens for the same prefill + cached steps."""
+def hf_decode(hf_model, ids, mask, steps, next_tokens=None):
+    """The oracle: transformers' outputs and its greedy tokens (or next_tokens, teacher-forced) for the same
+    prefill + cached steps."""
     outputs, tokens, past = [], [], None
     ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
-    for _ in range(steps + 1):
+    for step in range(steps + 1):
         with torch.no_grad():
             out = hf_model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
         outputs.append(out)
         past = out.past_key_values
         ids = out.logits[:, -1].float().argmax(-1, keepdim=True)
+        if next_tokens is not None and step < steps:
+            ids = torch.from_numpy(np.asarray(next_tokens[step])).reshape(-1, 1)
         tokens.append(ids.numpy())
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
     return outputs, tokens
@@ -82,8 +86,13 @@ def test_causal_lm_graph_driven_from_manifest_matches_transformers(hf_checkpoint
     for step, (e, a) in enumerate(zip(expected, actual)):
         np.testing.assert_allclose(a["logits"], e.logits.numpy(), atol=1e-4, rtol=0, err_msg=f"step {step} logits")
         for layer, present in enumerate(e.past_key_values):
-            np.testing.assert_allclose(a[f"present.{layer}.key_value"], present.numpy(), atol=1e-4, rtol=0,
-                                       err_msg=f"step {step} present {layer}")
+            np.testing.assert_allclose(
+                a[f"present.{layer}.key_value"],
+                present.numpy(),
+                atol=1e-4,
+                rtol=0,
+                err_msg=f"step {step} present {layer}",
+            )
     # Past length 0 at the prefill, then 7, 8, 9.
     assert [a["present.0.key_value"].shape[-2] for a in actual] == [7, 8, 9, 10]
 
@@ -96,7 +105,10 @@ def test_custom_ops_and_functions_present(hf_checkpoint, tmp_path, multi_query):
     counts = node_counts(bundle / "model.onnx")
     assert counts[("bigcode", "FusedMaskedSoftmax")] == 3
     assert counts[("bigcode", "KVCacheMerge")] == 3
-    assert {(f.domain, f.name) for f in model.functions} == {("bigcode", "FusedMaskedSoftmax"), ("bigcode", "KVCacheMerge")}
+    assert {(f.domain, f.name) for f in model.functions} == {
+        ("bigcode", "FusedMaskedSoftmax"),
+        ("bigcode", "KVCacheMerge"),
+    }
     assert {o.domain: o.version for o in model.opset_import}["bigcode"] == 1
     # The mask is built once per graph (one LessOrEqual for causality, one And with the padding mask).
     assert counts[("", "LessOrEqual")] == 1 and counts[("", "And")] == 1
@@ -154,21 +166,30 @@ def test_sequence_classification_pools_last_real_token_with_right_padding(hf_che
 
 @pytest.mark.parametrize("multi_query", [True, False], ids=["mqa", "mha"])
 def test_fp16_export_within_stated_tolerance(hf_checkpoint, tmp_path, multi_query):
-    from runtime.parity import TOLERANCES
+    """Judged as the product judges fp16: against transformers' fp32 outputs, within REDUCED_PRECISION_FACTOR times
+    the error of transformers' own fp16 model to them (plus half an fp16 ulp at the logits' magnitude)."""
+    from bigcode_deploy.runtime.parity import REDUCED_PRECISION_FACTOR, ULP_AT_ONE
 
     hf_model, model_dir = hf_checkpoint("causal-lm", multi_query=multi_query, n_layer=4)
     bundle = export(model_dir, tmp_path / "bundle", dtype="fp16")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["kv_cache"]["dtype"] == "float16"
     ids, mask = (t.numpy() for t in left_padded_batch(hf_model.config.vocab_size))
-    expected, tokens = hf_decode(hf_model.to(torch.float16), ids, mask, steps=3)
+    expected32, tokens = hf_decode(hf_model, ids, mask, steps=3)
+    expected16, _ = hf_decode(hf_model.to(torch.float16), ids, mask, steps=3, next_tokens=tokens)
     actual = drive_from_manifest(bundle, ids, mask, steps=3, next_tokens=tokens)
-    atol, rtol = TOLERANCES["fp16"]
-    for e, a in zip(expected, actual):
+    real = [mask.astype(bool)] + [np.ones((len(ids), 1), dtype=bool)] * 3
+    for e32, e16, a, r in zip(expected32, expected16, actual, real):
         assert a["logits"].dtype == np.float16
-        np.testing.assert_allclose(a["logits"].astype(np.float32), e.logits.float().numpy(), atol=atol, rtol=rtol)
+        reference = e32.logits.float().numpy()[r]
+        ours = np.abs(a["logits"].astype(np.float32)[r] - reference)
+        theirs = np.abs(e16.logits.float().numpy()[r] - reference)
+        floor = ULP_AT_ONE["fp16"] / 2 * np.abs(reference).max()
+        assert ours.max() <= REDUCED_PRECISION_FACTOR * theirs.max() + floor
+        assert ours.mean() <= REDUCED_PRECISION_FACTOR * theirs.mean() + floor
+        assert 0 < theirs.max() < 0.1  # the comparison is not vacuous: fp16 does differ from fp32, a little
         # Top-1 agreement on each row's last position.
-        assert (a["logits"][:, -1].argmax(-1) == e.logits[:, -1].float().argmax(-1).numpy()).all()
+        assert (a["logits"][:, -1].argmax(-1) == e32.logits[:, -1].float().argmax(-1).numpy()).all()
 
 
 def test_no_cache_graph_has_no_past(hf_checkpoint, tmp_path):
@@ -186,7 +207,9 @@ def test_external_data_and_tokenizer_files(hf_checkpoint, tmp_path):
     _, model_dir = hf_checkpoint("causal-lm")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tokenizer.train_from_iterator(["def f(x): return x"] * 10, trainers.BpeTrainer(vocab_size=101, special_tokens=["<eot>"]))
+    tokenizer.train_from_iterator(
+        ["def f(x): return x"] * 10, trainers.BpeTrainer(vocab_size=101, special_tokens=["<eot>"])
+    )
     tokenizer.save(str(model_dir / "tokenizer.json"))
     bundle = export(model_dir, tmp_path / "bundle", external_data=True)
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -199,8 +222,8 @@ def test_external_data_and_tokenizer_files(hf_checkpoint, tmp_path):
 
 def test_export_check_catches_a_wrong_graph(hf_checkpoint, tmp_path, monkeypatch):
     """The check is not decorative: a graph whose softmax scale is off by 1% fails export and leaves nothing."""
-    import exporter.onnx_functions as functions
-    from runtime.parity import ParityError
+    import bigcode_deploy.exporter.onnx_functions as functions
+    from bigcode_deploy.runtime.parity import ParityError
 
     original = functions.masked_softmax_function
 
@@ -216,12 +239,15 @@ def test_export_check_catches_a_wrong_graph(hf_checkpoint, tmp_path, monkeypatch
 
     monkeypatch.setitem(functions.FUNCTIONS, "FusedMaskedSoftmax", skewed)
     _, model_dir = hf_checkpoint("causal-lm")
-    with pytest.raises(ParityError, match="ONNX Runtime disagrees with torch at step 0 on logits"):
+    with pytest.raises(
+        ParityError, match="ONNX Runtime disagrees with the torch reference: parity failed at prefill on logits"
+    ):
         export(model_dir, tmp_path / "bundle")
     assert list(tmp_path.iterdir()) == [model_dir]  # nothing half-written beside it
 
 
 # --- CLI and error paths ---------------------------------------------------------------------------------------
+
 
 def test_cli_export_default_model_then_inspect(tmp_path):
     runner = CliRunner()

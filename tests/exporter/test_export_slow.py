@@ -13,10 +13,10 @@ import sys
 import time
 
 import pytest
-from safetensors.torch import save_file
 
-from exporter.config import preset
-from exporter.model import GPTBigCodeForCausalLM, init_weights
+from bigcode_deploy.exporter.checkpoint import save_checkpoint
+from bigcode_deploy.exporter.config import preset
+from bigcode_deploy.exporter.model import GPTBigCodeForCausalLM, init_weights
 
 
 @pytest.mark.slow
@@ -24,23 +24,30 @@ def test_santacoder_shaped_export_with_external_data(tmp_path):
     config = preset("santacoder")
     model = init_weights(GPTBigCodeForCausalLM(config), config, seed=0)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    model_dir = tmp_path / "santacoder-random"
-    model_dir.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
-              str(model_dir / "model.safetensors"))
-    (model_dir / "config.json").write_text(json.dumps(config.to_dict()))
+    model_dir = save_checkpoint(model, config, tmp_path / "santacoder-random")
     del model
 
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "export", str(model_dir), str(tmp_path / "bundle"), "--external-data"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "bigcode_deploy.cli",
+            "export",
+            str(model_dir),
+            str(tmp_path / "bundle"),
+            "--external-data",
+        ],
+        capture_output=True,
+        text=True,
     )
     seconds = time.perf_counter() - start
     peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kB on Linux
     print(result.stderr)
-    print(f"santacoder-shaped export: {seconds:.0f}s, peak RSS {peak_rss / 1e9:.2f} GB, "
-          f"weights {weight_bytes / 1e9:.2f} GB, ratio {peak_rss / weight_bytes:.2f}")
+    print(
+        f"santacoder-shaped export: {seconds:.0f}s, peak RSS {peak_rss / 1e9:.2f} GB, "
+        f"weights {weight_bytes / 1e9:.2f} GB, ratio {peak_rss / weight_bytes:.2f}"
+    )
     assert result.returncode == 0, result.stderr
     assert "parity ok" in result.stderr
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exporter.checkpoint import load_model
-from tests.conftest import left_padded_batch
+from bigcode_deploy.exporter.checkpoint import load_model
+from tests.helpers import left_padded_batch
 
 DECODE_STEPS = 3
 
@@ -44,13 +44,23 @@ def assert_decode_close(hf_model, model_dir, task, dtype, atol, rtol=0.0, steps=
     actual = run_decode(ours, ids, mask, steps, hf=False, tokens=[e[2] for e in expected])
     for step, ((exp_main, exp_presents, _), (act_main, act_presents, _)) in enumerate(zip(expected, actual)):
         assert act_main.dtype == exp_main.dtype
-        torch.testing.assert_close(act_main.float(), exp_main.float(), atol=atol, rtol=rtol,
-                                   msg=lambda m: f"step {step} main output: {m}")
+        torch.testing.assert_close(
+            act_main.float(),
+            exp_main.float(),
+            atol=atol,
+            rtol=rtol,
+            msg=lambda m, step=step: f"step {step} main output: {m}",
+        )
         assert len(act_presents) == len(exp_presents) == config.n_layer
         for layer, (a, e) in enumerate(zip(act_presents, exp_presents)):
             assert a.shape == e.shape
-            torch.testing.assert_close(a.float(), e.float(), atol=atol, rtol=rtol,
-                                       msg=lambda m: f"step {step} present {layer}: {m}")
+            torch.testing.assert_close(
+                a.float(),
+                e.float(),
+                atol=atol,
+                rtol=rtol,
+                msg=lambda m, step=step, layer=layer: f"step {step} present {layer}: {m}",
+            )
     return expected, actual
 
 
@@ -78,7 +88,9 @@ def test_base_model_last_hidden_state(hf_checkpoint, multi_query):
 
 @pytest.mark.parametrize("multi_query", [True, False], ids=["mqa", "mha"])
 def test_sequence_classification_pools_last_real_token(hf_checkpoint, multi_query):
-    hf_model, model_dir = hf_checkpoint("sequence-classification", multi_query=multi_query, pad_token_id=0, num_labels=3)
+    hf_model, model_dir = hf_checkpoint(
+        "sequence-classification", multi_query=multi_query, pad_token_id=0, num_labels=3
+    )
     ours, config = load_model(model_dir, task="sequence-classification")
     # Right padding (transformers' rule reads pad ids), so both pick the last real token of each row.
     ids, mask = left_padded_batch(config.vocab_size)
@@ -110,7 +122,11 @@ def test_token_classification(hf_checkpoint, multi_query):
 
 @pytest.mark.parametrize(
     "save_kwargs",
-    [dict(max_shard_size="20KB"), dict(safe_serialization=False), dict(safe_serialization=False, max_shard_size="20KB")],
+    [
+        dict(max_shard_size="20KB"),
+        dict(safe_serialization=False),
+        dict(safe_serialization=False, max_shard_size="20KB"),
+    ],
     ids=["sharded-safetensors", "bin", "sharded-bin"],
 )
 def test_checkpoint_formats(hf_checkpoint, save_kwargs):

@@ -8,14 +8,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from exporter.export import export_bundle
-from runtime.api import open_generator
-from runtime.backends import OrtBackend
-from runtime.bundle import Bundle
-from runtime.cli import main
-from runtime.session import ContextOverflow
-from runtime.verify import verify_bundle
-from tests.conftest import make_hf_model
+from bigcode_deploy.cli import main
+from bigcode_deploy.exporter.export import export_bundle
+from bigcode_deploy.runtime.api import open_generator
+from bigcode_deploy.runtime.backends import OrtBackend
+from bigcode_deploy.runtime.bundle import Bundle
+from bigcode_deploy.runtime.manifest import FORMAT_VERSION
+from bigcode_deploy.runtime.session import ContextOverflow
+from bigcode_deploy.runtime.verify import verify_bundle
+from bigcode_deploy.workflows.backends import open_any_backend
+from bigcode_deploy.workflows.verify import verify_bundle_live
+from tests.helpers import make_hf_model
 
 PROMPTS = [[5, 17, 42, 8, 99, 3, 61], [12, 7, 33], [71]]
 
@@ -37,14 +40,21 @@ def bundles(checkpoint, tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_verify_parity_per_dtype(bundles, dtype):
-    report = verify_bundle(bundles[dtype], steps=4)
+@pytest.mark.parametrize("reference", ["stored", "live"])
+def test_verify_parity_per_dtype(bundles, checkpoint, dtype, reference):
+    if reference == "stored":
+        report = verify_bundle(bundles[dtype])
+    else:
+        report = verify_bundle_live(bundles[dtype], model_dir=checkpoint, steps=4)
     assert report.ok, report.table()
     assert len(report.steps) == 5  # prefill + 4 cached decode steps
     assert all(s.top1 == 1.0 for s in report.steps)
     assert report.greedy_first_divergence is None
+    assert [o.name for o in report.steps[0].outputs] == ["logits", "present.0", "present.1", "present.2"]
     saved = json.loads((bundles[dtype] / "parity.json").read_text())
     assert saved["ok"] is True and saved["dtype"] == dtype and len(saved["steps"]) == 5
+    assert saved["reference"] == ("stored" if reference == "stored" else f"live torch {checkpoint}")
+    assert saved["graph_sha256"] == Bundle.open(bundles[dtype]).manifest.graph.sha256
 
 
 def test_verify_fails_against_another_checkpoint(bundles, tmp_path):
@@ -71,7 +81,7 @@ def test_mixed_length_batch_equals_each_row_alone(bundles):
 def test_ort_and_torch_backends_agree_on_greedy_tokens(bundles):
     with open_generator(bundles["fp32"]) as g:
         ort_tokens = g.generate(PROMPTS, max_new_tokens=8, stop_token_ids=())
-    with open_generator(bundles["fp32"], backend="torch") as g:
+    with open_generator(bundles["fp32"], backend="torch", opener=open_any_backend) as g:
         torch_tokens = g.generate(PROMPTS, max_new_tokens=8, stop_token_ids=())
     assert ort_tokens == torch_tokens
 
@@ -110,7 +120,7 @@ def test_finished_rows_stop_consuming_work(bundles):
 
     bundle = Bundle.open(bundles["fp32"])
     with Counting(bundle) as backend:
-        from runtime.api import Generator
+        from bigcode_deploy.runtime.api import Generator
 
         g = Generator(bundle, backend)
         free = g.generate(PROMPTS, max_new_tokens=5, stop_token_ids=())
@@ -144,10 +154,16 @@ def test_cli_generate_streams_ids_and_rejects_text_without_tokenizer(bundles):
     [
         (lambda b: (b / "model.onnx").unlink(), "model.onnx is missing from the bundle"),
         (lambda b: (b / "manifest.json").unlink(), "manifest.json is missing"),
-        (lambda b: (b / "manifest.json").write_text(
-            (b / "manifest.json").read_text().replace('"format_version": 1', '"format_version": 99')),
-         "format_version 99"),
-        (lambda b: (b / "model.onnx").write_bytes((b / "model.onnx").read_bytes() + b"\0"), "does not match the sha256"),
+        (
+            lambda b: (b / "manifest.json").write_text(
+                (b / "manifest.json").read_text().replace(f'"format_version": {FORMAT_VERSION}', '"format_version": 99')
+            ),
+            "format_version 99",
+        ),
+        (
+            lambda b: (b / "model.onnx").write_bytes((b / "model.onnx").read_bytes() + b"\0"),
+            "does not match the sha256",
+        ),
     ],
     ids=["missing-graph", "missing-manifest", "other-format-version", "graph-hash-mismatch"],
 )
@@ -169,7 +185,7 @@ def test_bf16_bundle_on_ort_cpu_is_one_clear_line(checkpoint, tmp_path):
 
 
 def test_sampling_filters():
-    from runtime.sampling import apply_repetition_penalty, filter_top_k_top_p
+    from bigcode_deploy.runtime.sampling import apply_repetition_penalty, filter_top_k_top_p
 
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
     assert np.isfinite(filter_top_k_top_p(logits, 2, 1.0)).tolist() == [[True, True, False, False]]

@@ -1,40 +1,75 @@
-"""TensorRT: the pure parts on the CPU; the engine build and backend where tensorrt and a CUDA device exist."""
+"""TensorRT: the pure parts on the CPU (profiles, limits, metadata, paths, I/O checks, the CUDA copy plans, the
+refusals and "not available" lines); the engine build, backend and device copies where tensorrt, cuda-python and a
+CUDA device exist."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
+import sys
+import types
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from exporter.errors import BigCodeError
-from exporter.progress import quiet
-from graphs.optimize import optimize_bundle
-from runtime.cli import main
-from runtime.tensorrt import (
-    DECODE, PREFILL, EngineLimits, EngineMetadata, check_compatible, derive_profiles, engine_dir, engine_limits,
-    io_bindings, profile_for,
+from bigcode_deploy.cli import main
+from bigcode_deploy.runtime import cuda
+from bigcode_deploy.runtime.bundle import Bundle
+from bigcode_deploy.runtime.errors import BackendUnavailable, BigCodeError
+from bigcode_deploy.runtime.hashing import sha256_file
+from bigcode_deploy.runtime.manifest import GraphFiles, Manifest
+from bigcode_deploy.runtime.progress import quiet
+from bigcode_deploy.runtime.tensorrt_build import build_engine
+from bigcode_deploy.runtime.tensorrt_engine import (
+    DECODE,
+    PREFILL,
+    EngineLimits,
+    EngineMetadata,
+    TensorBinding,
+    check_compatible,
+    check_engine_io,
+    derive_profiles,
+    engine_dir,
+    engine_limits,
+    input_shape_error,
+    io_bindings,
+    profile_for,
+)
+from bigcode_deploy.workflows.build_engine import build_engine_for
+
+CONFIG = dict(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=100, multi_query=True)  # 2*head_dim 16
+HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+NOT_AVAILABLE = (
+    "TensorRT is not available: `import tensorrt` failed (No module named 'tensorrt'); install the `tensorrt` "
+    "extra on a machine with an NVIDIA GPU"
 )
 
 
-@pytest.fixture(scope="module")
-def trt_bundle(tmp_path_factory):
-    from tests.graphs.conftest import make_hf_model
-    from exporter.export import export_bundle
-
-    root = tmp_path_factory.mktemp("trt")
-    make_hf_model("causal-lm", seed=4).save_pretrained(root / "ckpt")
-    portable = export_bundle(root / "ckpt", root / "fp16", dtype="fp16", check=False, progress=quiet)
-    return optimize_bundle(portable, root / "trt", target="tensorrt", progress=quiet)
-
-
-def manifest_of(bundle):
-    return json.loads((bundle / "manifest.json").read_text())
+def make_manifest(target: str = "tensorrt", sha256: dict | None = None, **config) -> Manifest:
+    portable = Manifest.build(
+        CONFIG | config, task="causal-lm", dtype="fp16", opset=18, use_cache=True, package_version="0",
+        graph=GraphFiles("model.onnx", None, sha256 or {}), source={}, tokenizer=None, custom_ops_used=[],
+    )  # fmt: skip
+    if target == "portable":
+        return portable
+    return portable.derive(
+        target=target, passes=[], custom_ops_used=[], graph=GraphFiles("model.onnx", None, sha256 or {}), max_batch=8
+    )
 
 
-def test_profiles_cover_prefill_with_empty_past_and_decode(trt_bundle):
-    manifest = manifest_of(trt_bundle)
+def write_bundle(path, target: str):
+    """A bundle directory that opens (manifest + a graph file matching its sha256); its graph is no real ONNX."""
+    path.mkdir(parents=True)
+    (path / "model.onnx").write_bytes(b"not a graph: nothing here parses it")
+    make_manifest(target, {"model.onnx": sha256_file(path / "model.onnx")}).write(path)
+    return path
+
+
+# --- profiles and limits ----------------------------------------------------------------------------------------
+def test_profiles_cover_prefill_with_empty_past_and_decode():
+    manifest = make_manifest()
     limits = engine_limits(manifest, max_batch=4, max_prompt=16, max_context=64)
     prefill, decode = derive_profiles(manifest, limits)
     assert prefill["input_ids"] == ((1, 1), (2, 8), (4, 16))
@@ -43,13 +78,12 @@ def test_profiles_cover_prefill_with_empty_past_and_decode(trt_bundle):
     assert decode["input_ids"] == ((1, 1), (2, 1), (4, 1))
     assert decode["past_key_values.1.key_value"] == ((1, 1, 16), (2, 32, 16), (4, 63, 16))
     assert decode["attention_mask"] == ((1, 2), (2, 33), (4, 64))  # past + 1, never beyond the context
-    assert set(prefill) == set(decode) == {i["name"] for i in manifest["inputs"]}
+    assert set(prefill) == set(decode) == set(manifest.input_names)
     assert profile_for(0) == PREFILL and profile_for(5) == DECODE
 
 
-def test_mha_cache_profiles_keep_the_head_axis(trt_bundle):
-    manifest = manifest_of(trt_bundle)
-    manifest["inputs"][3]["shape"] = ["batch", 4, "past_sequence", 16]
+def test_mha_cache_profiles_keep_the_head_axis():
+    manifest = make_manifest(multi_query=False)
     _, decode = derive_profiles(manifest, EngineLimits(max_batch=2, max_prompt=8, max_context=32))
     assert decode["past_key_values.0.key_value"] == ((1, 4, 1, 16), (1, 4, 16, 16), (2, 4, 31, 16))
 
@@ -62,16 +96,33 @@ def test_mha_cache_profiles_keep_the_head_axis(trt_bundle):
         (dict(max_prompt=40, max_context=32), "--max-prompt 40 must be in 1..--max-context (32)"),
     ],
 )
-def test_limits_are_checked_against_the_manifest(trt_bundle, kwargs, message):
+def test_limits_are_checked_against_the_manifest(kwargs, message):
     args = dict(max_batch=None, max_prompt=None, max_context=None) | kwargs
-    with pytest.raises(BigCodeError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        engine_limits(manifest_of(trt_bundle), **args)
+    with pytest.raises(BigCodeError) as err:
+        engine_limits(make_manifest(), **args)
+    assert message in str(err.value)
 
 
-def test_defaults_come_from_the_manifest(trt_bundle):
-    assert engine_limits(manifest_of(trt_bundle), None, None, None) == EngineLimits(max_batch=8, max_prompt=32, max_context=64)
+def test_defaults_come_from_the_manifest():
+    assert engine_limits(make_manifest(), None, None, None) == EngineLimits(max_batch=8, max_prompt=32, max_context=64)
 
 
+def test_limits_need_a_causal_lm_with_a_cache():
+    manifest = make_manifest()
+    manifest.kv_cache = None
+    with pytest.raises(BigCodeError, match="needs a causal-lm bundle with a KV cache"):
+        engine_limits(manifest, None, None, None)
+
+
+def test_a_refused_input_shape_names_the_tensor_shape_and_range():
+    profiles = [{"input_ids": [[1, 1], [2, 8], [4, 16]]}, {"input_ids": [[1, 1], [2, 1], [4, 1]]}]
+    message = input_shape_error("input_ids", (8, 1), DECODE, profiles)
+    assert message.startswith("TensorRT refused shape (8, 1) for input input_ids: the engine's decode profile allows")
+    assert "(1, 1) to (4, 1)" in message and "\n" not in message
+    assert "has no range recorded" in input_shape_error("other", (1,), PREFILL, profiles)
+
+
+# --- metadata, paths, I/O ---------------------------------------------------------------------------------------
 def test_engine_metadata_compatibility_names_the_mismatch(tmp_path):
     meta = EngineMetadata("10.13.0", "NVIDIA H100", [9, 0], {"model.onnx": "abc"}, [], {}, 1.0)
     check_compatible(meta, "10.13.0", (9, 0), {"model.onnx": "abc"})
@@ -89,40 +140,380 @@ def test_engine_metadata_compatibility_names_the_mismatch(tmp_path):
         EngineMetadata.read(path)
 
 
-def test_engine_paths_and_io_mapping(trt_bundle):
+def test_engine_paths_and_io_mapping():
     assert engine_dir("b", (9, 0), "10.13.0").as_posix() == "b/engine/sm90-trt10.13.0"
-    bindings = {b["name"]: b for b in io_bindings(manifest_of(trt_bundle))}
-    assert bindings["input_ids"] == {"name": "input_ids", "mode": "input", "trt_dtype": "INT64", "torch_dtype": "int64"}
-    assert bindings["present.0.key_value"]["trt_dtype"] == "HALF" and bindings["logits"]["mode"] == "output"
+    bindings = {b.name: b for b in io_bindings(make_manifest())}
+    assert bindings["input_ids"] == TensorBinding("input_ids", "input", "INT64", np.dtype(np.int64))
+    assert bindings["present.0.key_value"].trt_dtype == "HALF" and bindings["logits"].mode == "output"
+    assert bindings["past_key_values.1.key_value"].dtype == np.float16
 
 
-HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+def test_engine_io_is_checked_against_the_manifest():
+    manifest = make_manifest()
+    found = {b.name: (b.mode, b.trt_dtype) for b in io_bindings(manifest)}
+    check_engine_io(found, manifest)
+    found["logits"] = ("output", "FLOAT")
+    del found["present.1.key_value"]
+    found["extra"] = ("output", "HALF")
+    with pytest.raises(BigCodeError) as err:
+        check_engine_io(found, manifest, what="the engine x.plan")
+    message = str(err.value)
+    assert message.startswith("the engine x.plan's I/O does not match the manifest (present.1.key_value missing; ")
+    assert "unexpected output extra" in message and "logits is output FLOAT, the manifest says output HALF" in message
+    assert "rebuild the engine" in message and "\n" not in message
+
+
+# --- the target: refused without an explicit --lower-to ---------------------------------------------------------
+def test_build_engine_refuses_a_bundle_of_another_target_before_needing_tensorrt(tmp_path):
+    portable = write_bundle(tmp_path / "b", "portable")
+    for build in (build_engine, build_engine_for):
+        with pytest.raises(BigCodeError) as err:
+            build(portable, progress=quiet)
+        assert str(err.value).startswith(f"{portable} targets portable, not tensorrt: build-engine takes a tensorrt")
+        assert "--lower-to OUT_DIR" in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no sibling <bundle>-tensorrt appeared
+
+
+def test_lower_to_is_refused_for_a_tensorrt_bundle(tmp_path):
+    bundle = write_bundle(tmp_path / "t", "tensorrt")
+    with pytest.raises(BigCodeError, match="already targets tensorrt: drop --lower-to"):
+        build_engine_for(bundle, lower_to=tmp_path / "out", progress=quiet)
+
+
+def test_cli_build_engine_on_a_portable_bundle_says_what_to_do(tmp_path):
+    portable = write_bundle(tmp_path / "b", "portable")
+    result = CliRunner().invoke(main, ["build-engine", str(portable)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {portable} targets portable, not tensorrt")
+
+
+# --- without TensorRT: one line ---------------------------------------------------------------------------------
+@pytest.mark.skipif(HAVE_TENSORRT, reason="tensorrt is installed: the guard is not what runs")
+def test_without_tensorrt_build_and_backend_say_so_in_one_line(tmp_path):
+    bundle = write_bundle(tmp_path / "t", "tensorrt")
+    result = CliRunner().invoke(main, ["build-engine", str(bundle), "--max-batch", "4"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {NOT_AVAILABLE}"
+    from bigcode_deploy.runtime.backends import open_backend
+
+    with pytest.raises(BackendUnavailable) as err:
+        with open_backend(Bundle.open(bundle), "tensorrt"):
+            pass
+    assert str(err.value) == NOT_AVAILABLE
 
 
 @pytest.mark.skipif(HAVE_TENSORRT, reason="tensorrt is installed: the guard is not what runs")
-def test_without_tensorrt_commands_say_so_in_one_line(trt_bundle):
-    runner = CliRunner()
-    for args in (["build-engine", str(trt_bundle)], ["verify", str(trt_bundle), "--backend", "tensorrt"],
-                 ["generate", str(trt_bundle), "--ids", "1,2", "--backend", "tensorrt"]):
-        result = runner.invoke(main, args)
-        assert result.exit_code == 2, args
-        assert result.output.strip() == ("error: TensorRT is not available: `import tensorrt` failed (No module named "
-                                         "'tensorrt'); install the `tensorrt` extra on a machine with an NVIDIA GPU")
+def test_without_tensorrt_nothing_is_lowered(tmp_path):
+    portable = write_bundle(tmp_path / "b", "portable")
+    with pytest.raises(BackendUnavailable, match="TensorRT is not available"):
+        build_engine_for(portable, lower_to=tmp_path / "lowered", progress=quiet)
+    assert not (tmp_path / "lowered").exists()
 
 
-def _cuda() -> bool:
+def test_without_cuda_python_the_error_is_one_line(monkeypatch):
+    cuda.cudart.cache_clear()
+    monkeypatch.setitem(sys.modules, "cuda", None)  # makes `import cuda...` raise ImportError
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
     try:
-        import torch
-        return torch.cuda.is_available()
-    except ImportError:
+        with pytest.raises(BackendUnavailable) as err:
+            cuda.cudart()
+    finally:
+        cuda.cudart.cache_clear()
+    message = str(err.value)
+    assert message.startswith("CUDA is not available to the runtime: `from cuda.bindings import runtime` failed (")
+    assert "install the `tensorrt` extra (cuda-python)" in message and "\n" not in message
+
+
+# --- runtime/cuda.py: plans on the CPU, and the calls against a fake cudart backed by host memory ----------------
+def test_row_gather_plan_copies_each_kept_row_and_merges_runs():
+    assert cuda.row_gather_plan([0, 1, 2], batch=3, row_bytes=10) == [cuda.Copy(0, 0, 30)]
+    assert cuda.row_gather_plan([1, 2], batch=4, row_bytes=10) == [cuda.Copy(10, 0, 20)]
+    assert cuda.row_gather_plan(np.array([2, 0]), batch=3, row_bytes=8) == [cuda.Copy(16, 0, 8), cuda.Copy(0, 8, 8)]
+    assert cuda.row_gather_plan([0, 2, 3], batch=4, row_bytes=4) == [cuda.Copy(0, 0, 4), cuda.Copy(8, 4, 8)]
+    assert cuda.row_gather_plan([1, 1], batch=2, row_bytes=4) == [cuda.Copy(4, 0, 4), cuda.Copy(4, 4, 4)]
+    assert cuda.row_gather_plan([0, 1], batch=2, row_bytes=0) == []  # an empty cache: nothing to copy
+    with pytest.raises(BigCodeError, match=r"rows \[3, -1\] are outside the batch \(0\.\.2\)"):
+        cuda.row_gather_plan([0, 3, -1], batch=3, row_bytes=4)
+
+
+def test_last_position_layout_and_dummy_addresses():
+    assert cuda.last_position_layout((2, 5, 7), itemsize=2) == cuda.Layout2D(offset=56, pitch=70, width=14, height=2)
+    assert cuda.last_position_layout((3, 1, 4), itemsize=4) == cuda.Layout2D(offset=0, pitch=16, width=16, height=3)
+    with pytest.raises(BigCodeError, match="needs a \\(batch, sequence, vocab\\) tensor"):
+        cuda.last_position_layout((2, 7), itemsize=4)
+    addresses = cuda.dummy_addresses(0x10000, ["a", "b", "c"])
+    assert len(set(addresses.values())) == 3 and all(a and a % cuda.ALIGNMENT == 0 for a in addresses.values())
+    with pytest.raises(BigCodeError):
+        cuda.dummy_addresses(0, ["a"])
+
+
+class FakeCudart(types.SimpleNamespace):
+    """cudart's calling convention over host memory: (err, *values) tuples, pointers as ints, memcpy by memmove."""
+
+    def __init__(self, fail: str | None = None):
+        kinds = types.SimpleNamespace(
+            cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3, cudaMemcpyDefault=4
+        )
+        super().__init__(cudaMemcpyKind=kinds, cudaStreamNonBlocking=1, fail=fail, blocks={}, calls=[])
+
+    def _result(self, name, *values):
+        self.calls.append(name)
+        return (2, None) if name == self.fail else (0, *values)
+
+    def cudaGetErrorName(self, err):
+        return (0, b"cudaErrorMemoryAllocation")
+
+    def cudaGetErrorString(self, err):
+        return (0, b"out of memory")
+
+    def cudaMalloc(self, size):
+        block = ctypes.create_string_buffer(size)
+        self.blocks[ctypes.addressof(block)] = block
+        return self._result("cudaMalloc", ctypes.addressof(block))
+
+    def cudaFree(self, ptr):
+        del self.blocks[ptr]
+        return self._result("cudaFree")[:1]
+
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
+        ctypes.memmove(dst, src, count)
+        return self._result("cudaMemcpyAsync")[:1]
+
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        for row in range(height):
+            ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
+        return self._result("cudaMemcpy2DAsync")[:1]
+
+    def cudaStreamCreateWithFlags(self, flags):
+        return self._result("cudaStreamCreateWithFlags", 0)
+
+    def cudaStreamSynchronize(self, stream):
+        return self._result("cudaStreamSynchronize")[:1]
+
+    def cudaStreamDestroy(self, stream):
+        return self._result("cudaStreamDestroy")[:1]
+
+
+@pytest.fixture
+def fake_cudart(monkeypatch):
+    fake = FakeCudart()
+    monkeypatch.setattr(cuda, "cudart", lambda: fake)
+    return fake
+
+
+def test_device_buffers_copies_and_row_gather_move_the_right_bytes(fake_cudart):
+    stream = cuda.Stream()
+    cache = np.arange(4 * 3 * 6, dtype=np.float16).reshape(4, 3, 6)  # (batch, past, 2 * head_dim)
+    device = cuda.to_device(cache, stream)
+    assert device.shape == (4, 3, 6) and device.dtype == np.float16 and device.nbytes == cache.nbytes
+    kept = cuda.gather_rows(device, np.array([3, 1, 2]), stream)
+    np.testing.assert_array_equal(cuda.to_host(kept, stream), cache[[3, 1, 2]])
+    logits = np.random.default_rng(0).standard_normal((2, 5, 7)).astype(np.float32)
+    last = cuda.last_position_to_host(cuda.to_device(logits, stream), stream)
+    np.testing.assert_array_equal(last, logits[:, -1])
+    ids = cuda.to_device(np.array([[1, 2]]), stream, dtype=np.int64)
+    assert cuda.to_host(ids, stream).dtype == np.int64
+    empty = cuda.DeviceBuffer((2, 0, 6), np.float16)
+    assert empty.ptr == 0 and empty.nbytes == 0 and cuda.gather_rows(empty, [1], stream).shape == (1, 0, 6)
+    allocated = len(fake_cudart.blocks)
+    kept.close()
+    kept.close()  # idempotent
+    assert len(fake_cudart.blocks) == allocated - 1
+    stream.close()
+    assert fake_cudart.calls[-2:] == ["cudaStreamSynchronize", "cudaStreamDestroy"]
+
+
+def test_every_failed_cuda_call_is_named(monkeypatch):
+    fake = FakeCudart(fail="cudaMalloc")
+    monkeypatch.setattr(cuda, "cudart", lambda: fake)
+    with pytest.raises(cuda.CudaError) as err:
+        cuda.DeviceBuffer((1024,), np.float32)
+    assert str(err.value) == "cudaMalloc failed: cudaErrorMemoryAllocation (out of memory)"
+    assert cuda.call("cudaGetDevice", (0, 3)) == 3 and cuda.call("cudaFree", (0,)) is None
+    assert cuda.call("x", (0, 1, 2)) == (1, 2)
+
+
+# --- on a GPU ---------------------------------------------------------------------------------------------------
+def _cuda_device() -> bool:
+    try:
+        return cuda.device_count() > 0
+    except BackendUnavailable:
         return False
 
 
-@pytest.mark.skipif(not HAVE_TENSORRT or not _cuda(), reason="needs tensorrt and a CUDA device (not on this machine)")
-def test_engine_build_and_parity_on_gpu(trt_bundle):
-    from runtime.tensorrt import build_engine
-    from runtime.verify import verify_bundle
+@pytest.mark.skipif(not _cuda_device(), reason="needs cuda-python and a CUDA device (not on this machine)")
+def test_device_copies_on_a_gpu():
+    name, capability = cuda.device_info()
+    assert name and capability[0] >= 3
+    with cuda.Stream() as stream:
+        cache = np.arange(3 * 4 * 8, dtype=np.float16).reshape(3, 4, 8)
+        device = cuda.to_device(cache, stream)
+        assert device.ptr % cuda.ALIGNMENT == 0
+        np.testing.assert_array_equal(cuda.to_host(cuda.gather_rows(device, [2, 0], stream), stream), cache[[2, 0]])
+        np.testing.assert_array_equal(cuda.last_position_to_host(device, stream), cache[:, -1])
 
-    build_engine(trt_bundle, max_batch=4, max_prompt=16, max_context=64, progress=quiet)
-    report = verify_bundle(trt_bundle, backend="tensorrt", steps=3)
+
+@pytest.mark.skipif(
+    not HAVE_TENSORRT or not _cuda_device(), reason="needs tensorrt, cuda-python and a CUDA device (not here)"
+)
+def test_engine_build_and_parity_on_gpu(tmp_path):
+    from bigcode_deploy.exporter.export import export_bundle
+    from bigcode_deploy.runtime.verify import verify_bundle
+    from tests.helpers import make_hf_model
+
+    make_hf_model("causal-lm", seed=4).save_pretrained(tmp_path / "ckpt")
+    portable = export_bundle(tmp_path / "ckpt", tmp_path / "fp16", dtype="fp16", check=False, progress=quiet)
+    plan = build_engine_for(portable, lower_to=tmp_path / "trt", max_batch=4, max_prompt=16, max_context=64,
+                            progress=quiet)  # fmt: skip
+    assert plan.is_file() and plan.is_relative_to(tmp_path / "trt")
+    report = verify_bundle(tmp_path / "trt", backend="tensorrt", steps=3)
     assert report.ok, report.table()
+
+
+# --- the backend against a fake TensorRT and the fake cudart (no GPU): binding, checks, errors -------------------
+class FakeEngine:
+    """A deserialized engine over a manifest's I/O: shapes are inferred as the graph would, outputs filled with
+    known values (logits[b, t, v] = 1000 b + 10 t + v % 10, presents = layer index)."""
+
+    def __init__(self, trt, manifest, profiles, io=None, context=True):
+        self.trt, self.manifest, self.profiles = trt, manifest, profiles
+        self.io = io or {b.name: (b.mode, b.trt_dtype) for b in io_bindings(manifest)}
+        self.make_context = context
+
+    num_io_tensors = property(lambda self: len(self.io))
+
+    def get_tensor_name(self, i):
+        return list(self.io)[i]
+
+    def get_tensor_mode(self, name):
+        return self.trt.TensorIOMode.INPUT if self.io[name][0] == "input" else self.trt.TensorIOMode.OUTPUT
+
+    def get_tensor_dtype(self, name):
+        return types.SimpleNamespace(name=self.io[name][1])
+
+    def create_execution_context(self):
+        return FakeContext(self) if self.make_context else None
+
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine, self.profile, self.shapes, self.addresses, self.executed = engine, 0, {}, {}, []
+
+    def set_optimization_profile_async(self, index, stream):
+        self.profile = index
+        return True
+
+    def set_input_shape(self, name, shape):
+        low, _, high = self.engine.profiles[self.profile][name]
+        if len(shape) != len(low) or not all(lo <= d <= hi for lo, d, hi in zip(low, shape, high)):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        batch, seq = self.shapes["input_ids"]
+        if name == "logits":
+            return (batch, seq, self.engine.manifest.config["vocab_size"])
+        past = self.shapes[name.replace("present", "past_key_values")]
+        return (batch, past[1] + seq, past[2])
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+        return True
+
+    def execute_async_v3(self, stream):
+        self.executed.append(dict(self.addresses))
+        for name in self.engine.manifest.output_names:
+            shape = self.get_tensor_shape(name)
+            if name == "logits":
+                b, t, v = np.indices(shape)
+                values = (1000 * b + 10 * t + v % 10).astype(np.float16)
+            else:
+                values = np.full(shape, int(name.split(".")[1]), dtype=np.float16)
+            ctypes.memmove(self.addresses[name], values.ctypes.data, values.nbytes)
+        return True
+
+
+def fake_tensorrt(engine_factory):
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.99.0"
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    runtime = types.SimpleNamespace(deserialize_cuda_engine=lambda plan: engine_factory(trt))
+    trt.Runtime = lambda logger: runtime
+    return trt
+
+
+@pytest.fixture
+def fake_engine_bundle(tmp_path, monkeypatch, fake_cudart):
+    """A tensorrt bundle with an engine directory for the fake GPU (sm90) and TensorRT 10.99.0."""
+    from bigcode_deploy.runtime.tensorrt_build import write_engine
+
+    fake_cudart.cudaGetDeviceCount = lambda: (0, 1)
+    props = types.SimpleNamespace(name=b"Fake GPU\0\0", major=9, minor=0)
+    fake_cudart.cudaGetDeviceProperties = lambda device: (0, props)
+    bundle = Bundle.open(write_bundle(tmp_path / "t", "tensorrt"))
+    manifest = bundle.manifest
+    limits = EngineLimits(max_batch=4, max_prompt=8, max_context=32)
+    profiles = derive_profiles(manifest, limits)
+    meta = EngineMetadata(
+        "10.99.0", "Fake GPU", [9, 0], dict(manifest.graph.sha256),
+        [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles], limits.__dict__, 0.0,
+    )  # fmt: skip
+    write_engine(engine_dir(bundle.path, (9, 0), "10.99.0"), b"plan", meta)
+
+    def install(**engine_kwargs):
+        factory = engine_kwargs.pop("factory", None) or (
+            lambda trt: FakeEngine(trt, manifest, profiles, **engine_kwargs)
+        )
+        monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(factory))
+        return bundle
+
+    return install
+
+
+def test_backend_binds_distinct_dummies_steps_and_selects_rows(fake_engine_bundle):
+    from bigcode_deploy.runtime.tensorrt import TensorRTBackend
+
+    bundle = fake_engine_bundle()
+    with TensorRTBackend(bundle) as backend:
+        ids = np.array([[5, 6, 7], [8, 9, 1]])
+        mask = np.ones_like(ids)
+        logits, cache = backend.step(ids, mask, np.cumsum(mask, 1) - 1, backend.empty_cache(2))
+        bound = backend.context.executed[0]
+        dummies = [bound[name] for name in bundle.past_names()]
+        assert all(dummies) and len(set(dummies)) == len(dummies)  # non-null, one per empty input
+        assert not set(dummies) & {bound[name] for name in bound if name not in bundle.past_names()}
+        assert logits.dtype == np.float32 and logits.shape == (2, 100)
+        assert logits[1, 3] == 1000 + 20 + 3  # row 1, last position (t = 2)
+        assert [c.shape for c in cache] == [(2, 3, 16), (2, 3, 16)]
+        kept = backend.select_rows(cache, np.array([1]))
+        assert kept[1].shape == (1, 3, 16) and np.all(cuda.to_host(kept[1], backend.stream) == 1)
+        logits, cache = backend.step(np.array([[4]]), np.ones((1, 4), np.int64), np.array([[3]]), kept)
+        assert backend.context.profile == DECODE and [c.shape for c in cache] == [(1, 4, 16), (1, 4, 16)]
+        with pytest.raises(BigCodeError) as err:  # 9 new tokens: beyond the prefill profile's 8
+            backend.step(np.ones((1, 9), np.int64), np.ones((1, 9), np.int64), np.ones((1, 9), np.int64),
+                         backend.empty_cache(1))  # fmt: skip
+        assert str(err.value).startswith("TensorRT refused shape (1, 9) for input input_ids: the engine's prefill")
+        assert "allows (1, 1) to (4, 8)" in str(err.value)
+        outputs = backend.run({"input_ids": ids, "attention_mask": mask, "position_ids": mask, **bundle.empty_past(2)})
+        assert outputs["logits"].dtype == np.float32 and outputs["present.0.key_value"].shape == (2, 3, 16)
+
+
+@pytest.mark.parametrize(
+    "engine, message",
+    [
+        (dict(factory=lambda trt: None), "TensorRT could not deserialize"),
+        (dict(context=False), "TensorRT could not create an execution context"),
+        (dict(io={"input_ids": ("input", "INT32")}), "I/O does not match the manifest"),
+    ],
+)
+def test_backend_refuses_an_unloadable_engine_in_one_line(fake_engine_bundle, engine, message):
+    from bigcode_deploy.runtime.tensorrt import TensorRTBackend
+
+    bundle = fake_engine_bundle(**engine)
+    with pytest.raises(BigCodeError) as err:
+        TensorRTBackend(bundle).__enter__()
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert "build-engine" in str(err.value)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import functools
 import sys
-from exporter import __version__
 
 import click
 
-from exporter.errors import BigCodeError
+from bigcode_deploy.runtime.errors import BigCodeError
+from bigcode_deploy.runtime.manifest import BACKENDS, GRAPH_DTYPES, OPSETS, QUANTIZATION_SCHEMES, TARGETS, TASKS
+from bigcode_deploy.runtime.version import __version__
 
 MODEL_DIR = click.argument("model_dir", required=False, type=click.Path(path_type=str))
-DTYPE = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+DTYPE = click.option("--dtype", type=click.Choice(list(GRAPH_DTYPES)), default="fp32", show_default=True)
 
 
 def user_errors(fn):
@@ -42,7 +43,7 @@ def main() -> None:
 @user_errors
 def forward(model_dir: str | None, ids: str, top: int, dtype: str) -> None:
     """Run one forward pass of the reference model (MODEL_DIR: default, the embedded model)."""
-    from runtime.reference import next_token_candidates
+    from bigcode_deploy.exporter.reference import next_token_candidates
 
     try:
         token_ids = [int(t) for t in ids.split(",") if t.strip()]
@@ -56,10 +57,14 @@ def _export_options(fn):
     """The export command's arguments and options (shared by `bigcode-deploy export` and `export-to-onnx`)."""
     decorators = [
         click.argument("args", nargs=-1, required=True, metavar="[MODEL_DIR] OUT_DIR"),
-        click.option("--task", type=click.Choice(["causal-lm", "base", "sequence-classification", "token-classification"]),
-                     default="causal-lm", show_default=True),
+        click.option("--task", type=click.Choice(list(TASKS)), default="causal-lm", show_default=True),
         DTYPE,
-        click.option("--opset", default=18, show_default=True, help="ONNX opset of the standard domain (18-23)."),
+        click.option(
+            "--opset",
+            default=18,
+            show_default=True,
+            help=f"ONNX opset of the standard domain ({OPSETS.start}-{OPSETS.stop - 1}).",
+        ),
         click.option("--no-cache", is_flag=True, help="No past inputs and no present outputs (prefill-only graph)."),
         click.option("--external-data", is_flag=True, help="Store weights in model.onnx.data (automatic above 1 GiB)."),
         click.option("--force", is_flag=True, help="Replace an existing OUT_DIR."),
@@ -72,14 +77,21 @@ def _export_options(fn):
 
 
 def _run_export(args, task, dtype, opset, no_cache, external_data, force, no_check) -> None:
-    from exporter.export import export_bundle
+    from bigcode_deploy.exporter.export import export_bundle
 
     if len(args) > 2:
         raise click.UsageError("expected [MODEL_DIR] OUT_DIR")
     model_dir, out_dir = (None, args[0]) if len(args) == 1 else args
     export_bundle(
-        model_dir, out_dir, task=task, dtype=dtype, opset=opset, use_cache=not no_cache,
-        external_data=external_data, force=force, check=not no_check,
+        model_dir,
+        out_dir,
+        task=task,
+        dtype=dtype,
+        opset=opset,
+        use_cache=not no_cache,
+        external_data=external_data,
+        force=force,
+        check=not no_check,
         progress=lambda message: click.echo(message, err=True),
     )
 
@@ -103,33 +115,52 @@ def export_to_onnx_main(**kwargs) -> None:
 @user_errors
 def inspect(bundle: str) -> None:
     """Print a bundle's manifest summary and its node counts by domain and op."""
-    from runtime.inspect import describe
+    from bigcode_deploy.runtime.inspect import describe
 
     click.echo(describe(bundle))
 
 
+def _opener(model_dir):
+    """open_any_backend with the checkpoint for --backend torch."""
+    from bigcode_deploy.workflows.backends import open_any_backend
 
-BACKEND = click.option("--backend", type=click.Choice(["ort", "ort-cuda", "torch", "tensorrt"]), default="ort",
-                       show_default=True, help="Where the bundle runs (torch: the reference model).")
+    return functools.partial(open_any_backend, model_dir=model_dir)
+
+
+BACKEND = click.option(
+    "--backend",
+    type=click.Choice(list(BACKENDS)),
+    default="ort",
+    show_default=True,
+    help="Where the bundle runs (torch: the reference model).",
+)
 THREADS = click.option("--threads", default=0, show_default=True, help="Intra-op threads (0: the library's default).")
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=str))
-@click.option("--model", "model_dir", type=click.Path(path_type=str), default=None,
-              help="Checkpoint of the torch reference (default: the one recorded in the manifest).")
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=str),
+    default=None,
+    help="Judge against the live torch reference of this checkpoint (default: the bundle's stored reference "
+    "outputs; no torch or checkpoint needed).",
+)
 @BACKEND
-@click.option("--steps", default=4, show_default=True, help="Cached decode steps after the prefill.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random prompts.")
+@click.option(
+    "--steps", type=int, default=None, help="Cached decode steps after the prefill (live reference; default 4)."
+)
+@click.option("--seed", type=int, default=None, help="Seed of the reference prompts (live reference; default 0).")
 @THREADS
 @user_errors
 def verify(bundle, model_dir, backend, steps, seed, threads) -> None:
-    """Compare BUNDLE on a backend with the torch reference; write parity.json; exit 1 on a mismatch."""
-    from runtime.verify import raise_on_failure, verify_bundle
+    """Judge BUNDLE on a backend against the torch reference; write parity.json; exit 2 on a mismatch."""
+    from bigcode_deploy.workflows.verify import verify as run_verify
 
-    report = verify_bundle(bundle, model_dir=model_dir, backend=backend, steps=steps, seed=seed, threads=threads)
+    report = run_verify(bundle, model_dir=model_dir, backend=backend, steps=steps, seed=seed, threads=threads)
     click.echo(report.table())
-    raise_on_failure(report)
+    report.raise_on_failure()
 
 
 @main.command()
@@ -144,21 +175,45 @@ def verify(bundle, model_dir, backend, steps, seed, threads) -> None:
 @click.option("--seed", default=None, type=int, help="Seed for sampling (same seed, same tokens).")
 @click.option("--stop-token", "stop_tokens", multiple=True, type=int, help="Stop token id (repeatable; default: eos).")
 @BACKEND
-@click.option("--model", "model_dir", type=click.Path(path_type=str), default=None,
-              help="Checkpoint for --backend torch (default: the one recorded in the manifest).")
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=str),
+    default=None,
+    help="Checkpoint for --backend torch (default: the one recorded in the manifest).",
+)
 @THREADS
 @user_errors
-def generate(bundle, prompt, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-             stop_tokens, backend, model_dir, threads) -> None:
+def generate(
+    bundle,
+    prompt,
+    ids,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    repetition_penalty,
+    seed,
+    stop_tokens,
+    backend,
+    model_dir,
+    threads,
+) -> None:
     """Stream a continuation of a prompt from BUNDLE; print tokens/s at the end."""
-    from runtime.api import open_generator
+    from bigcode_deploy.runtime.api import open_generator
 
     if (prompt is None) == (ids is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --ids 1,2,3")
-    with open_generator(bundle, backend=backend, model_dir=model_dir, threads=threads) as generator:
+    with open_generator(bundle, backend=backend, threads=threads, opener=_opener(model_dir)) as generator:
         pieces, stats = generator.stream_text(
-            prompt if prompt is not None else None, ids=ids, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+            prompt if prompt is not None else None,
+            ids=ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
             stop_token_ids=tuple(stop_tokens) if stop_tokens else None,
         )
         for piece in pieces:
@@ -166,31 +221,48 @@ def generate(bundle, prompt, ids, max_new_tokens, temperature, top_k, top_p, rep
         click.echo()
     click.echo(
         f"[{stats.new_tokens} tokens; prefill {stats.prefill_s * 1000:.1f} ms; decode "
-        f"{stats.decode_tokens_per_s:.1f} tokens/s]", err=True,
+        f"{stats.decode_tokens_per_s:.1f} tokens/s]",
+        err=True,
     )
-
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=str))
 @click.argument("out_dir", type=click.Path(path_type=str))
-@click.option("--target", type=click.Choice(["portable", "ort", "tensorrt"]), required=True)
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="Graph dtype (default: the bundle's; another dtype re-exports the source checkpoint).")
+@click.option("--target", type=click.Choice(list(TARGETS)), required=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(list(GRAPH_DTYPES)),
+    default=None,
+    help="Graph dtype (default: the bundle's; another dtype re-exports the source checkpoint).",
+)
 @click.option("--last-token-logits", is_flag=True, help="Compute logits for each row's last position only.")
-@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
-              help="ort: weight-only quantization of the MatMul weights (lm_head included; embeddings exact).")
+@click.option(
+    "--quantize",
+    type=click.Choice(list(QUANTIZATION_SCHEMES)),
+    default=None,
+    help="ort: weight-only quantization of the MatMul weights (lm_head included; embeddings exact).",
+)
 @click.option("--max-batch", default=8, show_default=True, help="tensorrt: the batch range recorded for profiles.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT_DIR.")
 @click.option("--no-check", is_flag=True, help="Skip the ONNX Runtime comparison with the input bundle.")
 @user_errors
 def optimize(bundle, out_dir, target, dtype, last_token_logits, quantize, max_batch, force, no_check) -> None:
     """Rewrite BUNDLE's graph for one target into a new bundle OUT_DIR."""
-    from graphs.optimize import optimize_bundle
+    from bigcode_deploy.workflows.optimize import optimize_bundle
 
-    optimize_bundle(bundle, out_dir, target=target, dtype=dtype, last_token_logits=last_token_logits,
-                    quantize=quantize, max_batch=max_batch, force=force, check=not no_check,
-                    progress=lambda message: click.echo(message, err=True))
+    optimize_bundle(
+        bundle,
+        out_dir,
+        target=target,
+        dtype=dtype,
+        last_token_logits=last_token_logits,
+        quantize=quantize,
+        max_batch=max_batch,
+        force=force,
+        check=not no_check,
+        progress=lambda message: click.echo(message, err=True),
+    )
 
 
 @main.command()
@@ -199,7 +271,7 @@ def optimize(bundle, out_dir, target, dtype, last_token_logits, quantize, max_ba
 @user_errors
 def lint(bundle, target) -> None:
     """Check statically what TensorRT's ONNX parser would reject; one line per problem, exit 1 when any."""
-    from graphs.optimize import lint_bundle
+    from bigcode_deploy.graphs.lint import lint_bundle
 
     problems = lint_bundle(bundle, target)
     for problem in problems:
@@ -209,22 +281,46 @@ def lint(bundle, target) -> None:
     click.echo(f"{bundle}: no problems for {target}")
 
 
-
 @main.command(name="build-engine")
 @click.argument("bundle", type=click.Path(path_type=str))
+@click.option(
+    "--lower-to",
+    "lower_to",
+    type=click.Path(path_type=str),
+    default=None,
+    help="For a bundle of another target: lower it into this new tensorrt bundle first, and build there.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing --lower-to directory.")
 @click.option("--max-batch", type=int, default=None, help="Largest batch (default: the manifest's batch range).")
 @click.option("--max-prompt", type=int, default=None, help="Longest prompt of the prefill profile.")
-@click.option("--max-context", type=int, default=None, help="Longest context of the decode profile (default: n_positions).")
-@click.option("--timing-cache", type=click.Path(path_type=str), default=None, help="Read, reuse and save this timing cache.")
-@click.option("--workspace-gb", type=float, default=4.0, show_default=True)
+@click.option(
+    "--max-context", type=int, default=None, help="Longest context of the decode profile (default: n_positions)."
+)
+@click.option(
+    "--timing-cache", type=click.Path(path_type=str), default=None, help="Read, reuse and save this timing cache."
+)
+@click.option("--workspace-gb", type=float, default=4.0, show_default=True, help="TensorRT's workspace limit (GiB).")
 @user_errors
-def build_engine(bundle, max_batch, max_prompt, max_context, timing_cache, workspace_gb) -> None:
-    """Build a TensorRT engine for BUNDLE into BUNDLE/engine/<gpu-arch>-trt<version>/."""
-    from runtime.tensorrt import build_engine as build
+def build_engine(bundle, lower_to, force, max_batch, max_prompt, max_context, timing_cache, workspace_gb) -> None:
+    """Build a TensorRT engine for a tensorrt BUNDLE into BUNDLE/engine/<gpu-arch>-trt<version>/.
 
-    build(bundle, max_batch=max_batch, max_prompt=max_prompt, max_context=max_context, timing_cache=timing_cache,
-          workspace_gb=workspace_gb, progress=lambda message: click.echo(message, err=True))
+    A bundle of another target is refused unless --lower-to OUT_DIR names where to lower it first.
+    """
+    from pathlib import Path
 
+    from bigcode_deploy.workflows.build_engine import build_engine_for
+
+    build_engine_for(
+        bundle,
+        lower_to=Path(lower_to) if lower_to else None,
+        force=force,
+        max_batch=max_batch,
+        max_prompt=max_prompt,
+        max_context=max_context,
+        timing_cache=timing_cache,
+        workspace_gb=workspace_gb,
+        progress=lambda message: click.echo(message, err=True),
+    )
 
 
 @main.command()
@@ -234,7 +330,9 @@ def build_engine(bundle, max_batch, max_prompt, max_context, timing_cache, works
 @click.option("--batch", default=1, show_default=True)
 @BACKEND
 @click.option("--repeats", default=3, show_default=True, help="Timed repeats after one warm-up; medians are reported.")
-@click.option("--model", "model_dir", type=click.Path(path_type=str), default=None, help="Checkpoint for --backend torch.")
+@click.option(
+    "--model", "model_dir", type=click.Path(path_type=str), default=None, help="Checkpoint for --backend torch."
+)
 @THREADS
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
@@ -242,12 +340,20 @@ def bench(bundle, prompt_len, new_tokens, batch, backend, repeats, model_dir, th
     """Measure prefill time and decode tokens/s of BUNDLE on a backend."""
     import json as json_module
 
-    from runtime.bench import bench_bundle
+    from bigcode_deploy.runtime.bench import bench_bundle
 
     if not as_json:
         click.echo(f"benchmarking {bundle} on {backend} ({repeats} repeats after a warm-up) ...", err=True)
-    result = bench_bundle(bundle, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, backend=backend,
-                          repeats=repeats, threads=threads, model_dir=model_dir)
+    result = bench_bundle(
+        bundle,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        batch=batch,
+        backend=backend,
+        repeats=repeats,
+        threads=threads,
+        opener=_opener(model_dir),
+    )
     click.echo(json_module.dumps(result.to_json()) if as_json else result.summary())
 
 

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from exporter.errors import BigCodeError
+from bigcode_deploy.runtime.errors import BigCodeError
 
 
 def refuse_existing(out_dir: Path, force: bool) -> None:

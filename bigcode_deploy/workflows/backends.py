@@ -1,0 +1,19 @@
+"""Every backend by name, the torch reference included (which needs torch and the checkpoint, so it cannot be
+offered by the runtime layer itself)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bigcode_deploy.runtime.backends import open_backend
+from bigcode_deploy.runtime.bundle import Bundle
+
+
+def open_any_backend(bundle: Bundle, backend: str = "ort", *, model_dir: str | Path | None = None, threads: int = 0):
+    """ort, ort-cuda, tensorrt (bigcode_deploy.runtime.backends) or torch (the reference model from model_dir, or
+    the checkpoint recorded in the manifest). Enter the result with `with`. Raises BigCodeError for another name."""
+    if backend == "torch":
+        from bigcode_deploy.exporter.torch_backend import TorchBackend
+
+        return TorchBackend(bundle, model_dir=model_dir, threads=threads)
+    return open_backend(bundle, backend, threads=threads)
