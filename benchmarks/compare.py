@@ -12,6 +12,7 @@ and prints the table. Medians over repeats after a warm-up; ratios are within th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -27,6 +28,7 @@ import torch
 from bigcode_deploy.exporter.export import export_bundle
 from bigcode_deploy.runtime.bench import bench_bundle
 from bigcode_deploy.runtime.progress import quiet
+from bigcode_deploy.workflows.backends import open_any_backend
 from bigcode_deploy.workflows.optimize import optimize_bundle
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -223,7 +225,7 @@ def run_case(
         repeats=repeats,
         warmup=warmup,
         threads=threads,
-        model_dir=checkpoint,
+        opener=functools.partial(open_any_backend, model_dir=checkpoint),
     )
     return {"prefill_s": r.prefill_s, "decode_tok_s": r.decode_tok_s, "token_latency_ms": r.token_latency_ms}
 

@@ -10,6 +10,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from bigcode_deploy.exporter.onnx_functions import masked_softmax_function  # the exporter's own body
 from bigcode_deploy.runtime.manifest import DOMAIN, DOMAIN_VERSION, MASKED_SOFTMAX
 
 OPSET = 18
@@ -90,42 +91,6 @@ def assert_same_outputs(before: dict, after: dict, atol: float = 1e-5) -> None:
         np.testing.assert_allclose(
             actual.astype(np.float32), expected.astype(np.float32), atol=atol, rtol=0, err_msg=name
         )
-
-
-def _ref_attr(name: str, attr_type: int, as_name: str) -> onnx.AttributeProto:
-    attr = onnx.AttributeProto()
-    attr.name, attr.ref_attr_name, attr.type = as_name, name, attr_type
-    return attr
-
-
-def masked_softmax_function() -> onnx.FunctionProto:
-    """A reference body of bigcode::FusedMaskedSoftmax (scale, mask_value, softmax_dtype), for hand-built graphs."""
-    cast = helper.make_node("Cast", ["scores"], ["x"])
-    cast.attribute.append(_ref_attr("softmax_dtype", onnx.AttributeProto.INT, "to"))
-    scale = helper.make_node("Constant", [], ["scale_f32"])
-    scale.attribute.append(_ref_attr("scale", onnx.AttributeProto.FLOAT, "value_float"))
-    mask_value = helper.make_node("Constant", [], ["mask_value_f32"])
-    mask_value.attribute.append(_ref_attr("mask_value", onnx.AttributeProto.FLOAT, "value_float"))
-    nodes = [
-        cast,
-        scale,
-        helper.make_node("CastLike", ["scale_f32", "x"], ["scale_x"]),
-        helper.make_node("Mul", ["x", "scale_x"], ["x_scaled"]),
-        mask_value,
-        helper.make_node("CastLike", ["mask_value_f32", "x"], ["mask_value_x"]),
-        helper.make_node("Where", ["mask", "x_scaled", "mask_value_x"], ["x_masked"]),
-        helper.make_node("Softmax", ["x_masked"], ["p"], axis=-1),
-        helper.make_node("CastLike", ["p", "scores"], ["probs"]),
-    ]
-    return helper.make_function(
-        DOMAIN,
-        MASKED_SOFTMAX,
-        ["scores", "mask"],
-        ["probs"],
-        nodes,
-        [helper.make_opsetid("", OPSET)],
-        attributes=["scale", "mask_value", "softmax_dtype"],
-    )
 
 
 def masked_softmax_node(scores: str, mask: str, out: str, scale: float = 1.0) -> onnx.NodeProto:
