@@ -29,7 +29,32 @@ def user_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineUsageErrors:
+    """click's usage errors (bad option, missing argument, bad choice) as one line, "error: ..." and exit 2, like
+    every other user error, instead of click's usage block."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.ClickException as exc:
+            command = exc.ctx.command_path if getattr(exc, "ctx", None) else "bigcode-deploy"
+            click.echo(f"error: {exc.format_message()} (see `{command} --help`)", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+
+
+class Group(OneLineUsageErrors, click.Group):
+    pass
+
+
+class Command(OneLineUsageErrors, click.Command):
+    pass
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bigcode-deploy")
 def main() -> None:
     """Export GPTBigCode models to ONNX and TensorRT, and run them with verified parity."""
@@ -103,7 +128,7 @@ def export(**kwargs) -> None:
     _run_export(**kwargs)
 
 
-@click.command(name="export-to-onnx", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, name="export-to-onnx", context_settings={"help_option_names": ["-h", "--help"]})
 @_export_options
 def export_to_onnx_main(**kwargs) -> None:
     """Export MODEL_DIR (default: the embedded model) to a deployment bundle OUT_DIR."""
@@ -134,7 +159,13 @@ BACKEND = click.option(
     show_default=True,
     help="Where the bundle runs (torch: the reference model).",
 )
-THREADS = click.option("--threads", default=0, show_default=True, help="Intra-op threads (0: the library's default).")
+THREADS = click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Intra-op threads (0: the library's default).",
+)
 
 
 @main.command()
@@ -158,7 +189,15 @@ def verify(bundle, model_dir, backend, steps, seed, threads) -> None:
     """Judge BUNDLE on a backend against the torch reference; write parity.json; exit 2 on a mismatch."""
     from bigcode_deploy.workflows.verify import verify as run_verify
 
-    report = run_verify(bundle, model_dir=model_dir, backend=backend, steps=steps, seed=seed, threads=threads)
+    report = run_verify(
+        bundle,
+        model_dir=model_dir,
+        backend=backend,
+        steps=steps,
+        seed=seed,
+        threads=threads,
+        note=lambda message: click.echo(message, err=True),
+    )
     click.echo(report.table())
     report.raise_on_failure()
 
@@ -243,7 +282,13 @@ def generate(
     default=None,
     help="ort: weight-only quantization of the MatMul weights (lm_head included; embeddings exact).",
 )
-@click.option("--max-batch", default=8, show_default=True, help="tensorrt: the batch range recorded for profiles.")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="tensorrt: the batch range recorded for profiles.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing OUT_DIR.")
 @click.option("--no-check", is_flag=True, help="Skip the ONNX Runtime comparison with the input bundle.")
 @user_errors
@@ -291,10 +336,15 @@ def lint(bundle, target) -> None:
     help="For a bundle of another target: lower it into this new tensorrt bundle first, and build there.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing --lower-to directory.")
-@click.option("--max-batch", type=int, default=None, help="Largest batch (default: the manifest's batch range).")
-@click.option("--max-prompt", type=int, default=None, help="Longest prompt of the prefill profile.")
 @click.option(
-    "--max-context", type=int, default=None, help="Longest context of the decode profile (default: n_positions)."
+    "--max-batch", type=click.IntRange(min=1), default=None, help="Largest batch (default: the manifest's batch range)."
+)
+@click.option("--max-prompt", type=click.IntRange(min=1), default=None, help="Longest prompt of the prefill profile.")
+@click.option(
+    "--max-context",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Longest context of the decode profile (default: n_positions).",
 )
 @click.option(
     "--timing-cache", type=click.Path(path_type=str), default=None, help="Read, reuse and save this timing cache."

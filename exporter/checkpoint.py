@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,6 +23,7 @@ from bigcode_deploy.exporter.config import GPTBigCodeConfig
 from bigcode_deploy.exporter.dtypes import TORCH_DTYPES
 from bigcode_deploy.exporter.model import build_model
 from bigcode_deploy.runtime.errors import CheckpointError, ConfigError
+from bigcode_deploy.runtime.hashing import sha256_files
 
 # Keys a checkpoint may hold that no task here loads: buffers older transformers saved, and the heads of
 # other tasks (a causal-lm file loaded as a base model, say).
@@ -69,6 +71,53 @@ def weight_files(model_dir: Path) -> list[Path]:
         if (model_dir / name).is_file():
             return [model_dir / name]
     raise CheckpointError(f"no weights in {model_dir}: expected one of {', '.join(SINGLE_FILES + INDEX_FILES)}")
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """config.json and the weight files: what a manifest's source record hashes. Raises CheckpointError when either
+    is missing."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(f"no config.json in {model_dir}: it is not a checkpoint directory")
+    return [model_dir / "config.json", *weight_files(model_dir)]
+
+
+def checkpoint_sha256(model_dir: str | Path) -> dict[str, str]:
+    """{file name: sha256} of the checkpoint's config.json and weight files (the one helper for both)."""
+    return sha256_files(checkpoint_files(model_dir))
+
+
+def source_record(model_dir: str | Path) -> dict[str, Any]:
+    """The manifest's `source`: the checkpoint directory (resolved, absolute) and its files' sha256."""
+    return {"model_dir": str(Path(model_dir).resolve()), "sha256": checkpoint_sha256(model_dir)}
+
+
+def check_source(model_dir: str | Path, source: dict[str, Any]) -> None:
+    """Raise CheckpointError (one line, naming the files) unless model_dir's checkpoint files have the sha256 the
+    manifest's `source` records. model_dir is the recorded checkpoint or another directory (--model); either must
+    hold the same files. A record without sha256 (an older manifest) is not checked."""
+    recorded = source.get("sha256") or {}
+    if not recorded:
+        return
+    model_dir = Path(model_dir)
+    current = checkpoint_sha256(model_dir)
+    if current == recorded:
+        return
+    changed = sorted(name for name in recorded.keys() & current.keys() if recorded[name] != current[name])
+    parts = [f"{', '.join(changed)} differ{'s' if len(changed) == 1 else ''} (sha256)"] if changed else []
+    if recorded.keys() - current.keys():
+        parts.append(f"{', '.join(sorted(recorded.keys() - current.keys()))} missing")
+    if current.keys() - recorded.keys():
+        parts.append(f"{', '.join(sorted(current.keys() - recorded.keys()))} not in the recorded checkpoint")
+    recorded_dir = source.get("model_dir")
+    if recorded_dir and Path(recorded_dir).resolve() == model_dir.resolve():
+        raise CheckpointError(
+            f"the checkpoint {model_dir} changed since the bundle was exported: {'; '.join(parts)}; re-export the "
+            "bundle from it"
+        )
+    raise CheckpointError(
+        f"{model_dir} is not the checkpoint the bundle was exported from ({recorded_dir}): {'; '.join(parts)}"
+    )
 
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from bigcode_deploy.exporter.checkpoint import default_model_dir, load_model, weight_files
+from bigcode_deploy.exporter.checkpoint import default_model_dir, load_model, source_record
 from bigcode_deploy.exporter.config import GPTBigCodeConfig
 from bigcode_deploy.exporter.dtypes import dtype_name
 from bigcode_deploy.exporter.hf_files import write_hf_files
@@ -171,9 +171,11 @@ def export_bundle(
     in `dtype`; outputs logits (batch, sequence, vocab) and present.{layer}.key_value. With check, onnx.checker
     (full) and ONNX Runtime against the stored reference must pass before the bundle appears (atomically).
 
-    Returns out_dir. Raises BigCodeError for an existing out_dir without force, an unsupported opset or an
-    uncheckable dtype (bf16 with check); ConfigError/CheckpointError for a checkpoint that cannot be read;
-    ParityError when ONNX Runtime disagrees with the reference. Nothing is left under out_dir on failure."""
+    Returns out_dir. Raises BigCodeError for an existing out_dir without force (also one another command created
+    while this one ran), an out_dir that is or contains model_dir, an unsupported opset or an uncheckable dtype
+    (bf16 with check); ConfigError/CheckpointError for a checkpoint that cannot be read; ParityError when ONNX
+    Runtime disagrees with the reference. Nothing is left under out_dir on failure, nor beside it
+    (bigcode_deploy.runtime.staging). manifest.json records the source checkpoint resolved, with its sha256."""
     from bigcode_deploy.exporter.check import check_bundle  # the check runs ONNX Runtime; imported only when exporting
     from bigcode_deploy.exporter.reference_capture import capture_reference
 
@@ -181,7 +183,7 @@ def export_bundle(
     source_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     if opset not in OPSETS:
         raise BigCodeError(f"--opset {opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1}")
-    refuse_existing(out_dir, force)
+    refuse_existing(out_dir, force, inputs=[source_dir])  # never the checkpoint itself, nor a folder holding it
     if check and dtype == "bf16":
         raise BigCodeError(
             "dtype bf16 cannot be checked on this device: ONNX Runtime's CPU provider has no bf16 kernels "
@@ -195,7 +197,7 @@ def export_bundle(
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = external_data or weight_bytes > EXTERNAL_DATA_THRESHOLD
 
-    with staged_dir(out_dir, force) as staging:
+    with staged_dir(out_dir, force, inputs=[source_dir]) as staging:
         with step(progress, f"exporting to ONNX (opset {opset}, {weight_bytes / 1e6:.1f} MB of weights)"):
             ir_model, custom_ops_used = to_onnx_ir(model, config, task, cache, opset, torch_dtype)
         with step(progress, "writing " + (f"{GRAPH_FILE} + {DATA_FILE}" if external else GRAPH_FILE)):
@@ -211,8 +213,7 @@ def export_bundle(
                     tokenizer = name
         hf_files = write_hf_files(source_dir, staging, config, task, cache=cache)
         with step(progress, "hashing the source checkpoint"):
-            source_files = [source_dir / "config.json", *weight_files(source_dir)]
-            source = {"model_dir": str(source_dir), "sha256": sha256_files(source_files)}
+            source = source_record(source_dir)  # resolved: commands run from any directory find it
         manifest = Manifest.build(
             config.to_dict(),
             task=task,

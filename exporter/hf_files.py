@@ -32,17 +32,20 @@ from pathlib import Path
 from typing import Any
 
 from bigcode_deploy.exporter.config import GPTBigCodeConfig
-from bigcode_deploy.runtime.manifest import GENERATION_CONFIG_FILE, HF_CONFIG_FILE
+from bigcode_deploy.runtime.manifest import GENERATION_CONFIG_FILE, GRAPH_DTYPES, HF_CONFIG_FILE
 
 # The tasks whose bundles carry the Hugging Face files, and the transformers class each one's graph corresponds to.
 ARCHITECTURES = {"causal-lm": "GPTBigCodeForCausalLM"}
 
 
-def hf_config(config: GPTBigCodeConfig, task: str, cache: bool) -> dict[str, Any]:
-    """The config.json dict of a bundle's graph (transformers' GPTBigCodeConfig accepts every key)."""
+def hf_config(config: GPTBigCodeConfig, task: str, cache: bool, dtype: str | None = None) -> dict[str, Any]:
+    """The config.json dict of a bundle's graph (transformers' GPTBigCodeConfig accepts every key); torch_dtype is
+    the graph's dtype (fp16 -> "float16") when given, not the checkpoint's."""
     raw = config.to_dict()
     raw["architectures"] = [ARCHITECTURES[task]]
     raw["use_cache"] = cache
+    if dtype is not None:
+        raw["torch_dtype"] = GRAPH_DTYPES[dtype]
     return raw
 
 
@@ -56,7 +59,13 @@ def generation_config(config: GPTBigCodeConfig) -> dict[str, Any]:
 
 
 def write_hf_files(
-    source_dir: Path, staging: Path, config: GPTBigCodeConfig, task: str, *, cache: bool | None = None
+    source_dir: Path,
+    staging: Path,
+    config: GPTBigCodeConfig,
+    task: str,
+    *,
+    cache: bool | None = None,
+    dtype: str | None = None,
 ) -> list[str]:
     """Write config.json and generation_config.json into the staging bundle; return the names written.
 
@@ -68,7 +77,7 @@ def write_hf_files(
     source_dir, staging = Path(source_dir), Path(staging)
     if cache is None:
         cache = True
-    _write_json(staging / HF_CONFIG_FILE, hf_config(config, task, cache))
+    _write_json(staging / HF_CONFIG_FILE, hf_config(config, task, cache, dtype))
     if (source_dir / GENERATION_CONFIG_FILE).is_file():
         shutil.copy2(source_dir / GENERATION_CONFIG_FILE, staging / GENERATION_CONFIG_FILE)
     else:

@@ -16,6 +16,7 @@ from torch import nn
 from bigcode_deploy.exporter.checkpoint import load_model
 from bigcode_deploy.exporter.torch_backend import TorchBackend
 from bigcode_deploy.runtime.bundle import Bundle
+from bigcode_deploy.runtime.errors import ParityError
 from bigcode_deploy.runtime.generate import GenerationOptions, generate
 from bigcode_deploy.runtime.manifest import REFERENCE_FILE, Manifest, ReferenceRecord
 from bigcode_deploy.runtime.reference import (
@@ -58,7 +59,13 @@ def reference_outputs(
         greedy: list[list[int]] = []
         if manifest.task == "causal-lm" and manifest.kv_cache is not None and greedy_tokens > 0:
             options = GenerationOptions(max_new_tokens=greedy_tokens, stop_token_ids=())
-            greedy = generate(DecodingSession(torch32, shell), prompts, options)
+            try:
+                greedy = generate(DecodingSession(torch32, shell), prompts, options)
+            except ParityError:
+                raise ParityError(
+                    f"the torch reference of {model_dir} produced non-finite logits; check the checkpoint "
+                    "(a broken weight?)"
+                ) from None
     del fp32_model
     reference = ReferenceOutputs(run=run32, greedy=greedy, model_dtype=manifest.dtype, kind=kind)
     if reduced:
@@ -75,6 +82,7 @@ def reference_outputs(
                 stats_error.append(np.abs(red.present_stats - ref.present_stats))
         reference.main_error = np.asarray(main_error, dtype=np.float64)
         reference.stats_error = np.asarray(stats_error, dtype=np.float64) if stats_error else None
+    reference.check(manifest, f"the torch reference of {model_dir}", ParityError)
     return reference
 
 

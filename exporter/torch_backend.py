@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from bigcode_deploy.exporter.checkpoint import load_model
+from bigcode_deploy.exporter.checkpoint import check_source, load_model
 from bigcode_deploy.runtime.bundle import Bundle
 from bigcode_deploy.runtime.errors import BigCodeError
 
@@ -27,7 +27,8 @@ def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
 
 
 class TorchBackend:
-    """The torch reference model, loaded from the checkpoint the bundle was exported from (or model_dir)."""
+    """The torch reference model, loaded from the checkpoint the bundle was exported from (or model_dir, which must
+    hold the same files: entering raises CheckpointError when their sha256 differ from the manifest's record)."""
 
     name = "torch"
 
@@ -44,12 +45,13 @@ class TorchBackend:
         if self.model is not None:
             return self
         manifest = self.bundle.manifest
-        model_dir = self.model_dir or manifest.source["model_dir"]
+        model_dir = self.model_dir or manifest.source.get("model_dir", "")
         if not Path(model_dir).is_dir():
+            where = "(passed as --model)" if self.model_dir else "(recorded in the manifest)"
             raise BigCodeError(
-                f"the torch backend needs the checkpoint: {model_dir} (recorded in the manifest) does not exist; "
-                "pass --model MODEL_DIR"
+                f"the torch backend needs the checkpoint: {model_dir} {where} does not exist; pass --model MODEL_DIR"
             )
+        check_source(model_dir, manifest.source)  # the checkpoint the bundle was exported from, unchanged
         self.model, _ = load_model(model_dir, task=manifest.task, dtype=manifest.dtype)
         return self
 

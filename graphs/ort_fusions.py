@@ -26,7 +26,7 @@ MS_DOMAIN = "com.microsoft"
 
 
 def apply(model: ir.Model) -> tuple[dict[str, int], str | None]:
-    """({fusion name: count} for the fusions that fired, None), or ({}, the reason none fired).
+    """({fusion name: count} for every fusion tried, 0 included; None), or ({}, the reason none fired).
 
     Raises ValueError for a graph that still has bigcode nodes (the pipeline inlines them first).
     """
@@ -34,10 +34,9 @@ def apply(model: ir.Model) -> tuple[dict[str, int], str | None]:
         raise ValueError(f"inline the {DOMAIN} functions first: ORT's fusions match standard ops")
     before = {(n.domain, n.op_type) for n in model.graph.all_nodes()}
     _, all_counts = optimize_for_ort(model)
-    counts = {name: n for name, n in all_counts.items() if n}
+    counts = dict(all_counts)
     fused_matmul = sum(1 for n in model.graph.all_nodes() if (n.domain, n.op_type) == (MS_DOMAIN, "FusedMatMul"))
-    if fused_matmul and (MS_DOMAIN, "FusedMatMul") not in before:
-        counts["fused_matmul"] = fused_matmul
-    if counts:
+    counts["fused_matmul"] = fused_matmul if (MS_DOMAIN, "FusedMatMul") not in before else 0
+    if any(counts.values()):
         return counts, None
     return {}, f"none of onnxscript's ORT fusions matched (tried {', '.join(all_counts)}, fused_matmul)"

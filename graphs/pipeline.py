@@ -18,8 +18,9 @@ from bigcode_deploy.runtime.manifest import TARGETS, PassRecord
 def run_passes(model: ir.Model, target: str, last_token_only: bool = False) -> list[PassRecord]:
     """Rewrite the model in place for the target; returns one PassRecord per pass, in the order applied.
 
-    ort_fusions records one PassRecord per fusion that fired (`ort_fusions.<name>`), or one `ort_fusions` record
-    with count 0 and the reason when none did. Raises ValueError for an unknown target.
+    ort_fusions records one PassRecord per fusion tried (`ort_fusions.<name>`, with the reason when it found no
+    match), or one `ort_fusions` record with count 0 and the reason when none fired. Raises ValueError for an
+    unknown target.
     """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -42,8 +43,8 @@ def run_passes(model: ir.Model, target: str, last_token_only: bool = False) -> l
     if target == "ort":
         # After folding: the fusion patterns match constants, not the subgraphs that computed them.
         counts, reason = ort_fusions.apply(model)
-        for name, count in counts.items():
-            record(f"{ort_fusions.NAME}.{name}", (count, None))
+        for name, count in counts.items():  # every fusion tried: one that found no match says so
+            record(f"{ort_fusions.NAME}.{name}", (count, None if count else f"onnxscript's {name} found no match here"))
         if not counts:
             record(ort_fusions.NAME, (0, reason))
     return applied

@@ -90,9 +90,14 @@ def check(model: ir.Model, scheme: str) -> MatchResult:
 
 
 def rewrite(model: ir.Model, scheme: str) -> ir.Model:
-    """A new model whose weight MatMuls are com.microsoft MatMulNBits (the quantizer works on protos)."""
+    """A new model whose weight MatMuls are com.microsoft MatMulNBits (the quantizer works on protos).
+
+    Weights held as external data are read into memory first (in place): a serialized proto names only the data
+    file's relative location, which the quantizer would resolve against the current directory, not the model's.
+    """
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    ir.external_data.load_to_model(model)  # each ExternalTensor reads its file by its own base_dir
     proto = ir.serde.serialize_model(model)
     logger = logging.getLogger("onnxruntime.quantization")
     level = logger.level

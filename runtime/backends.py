@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from bigcode_deploy.runtime.bundle import Bundle
-from bigcode_deploy.runtime.errors import BackendUnavailable, BigCodeError
+from bigcode_deploy.runtime.errors import BackendUnavailable, BigCodeError, BundleError
 from bigcode_deploy.runtime.manifest import BACKENDS
 
 Cache = Any  # backend-native: list of OrtValue, or list of torch.Tensor
@@ -53,7 +53,13 @@ class OrtBackend:
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
-        self.session = ort.InferenceSession(str(self.bundle.graph_path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(self.bundle.graph_path), options, providers=providers)
+        except Exception as exc:  # ONNX Runtime raises its own types (InvalidProtobuf, Fail, ...) for a bad graph
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise BundleError(
+                f"ONNX Runtime cannot load {self.bundle.graph_path}: {first}; re-export the bundle"
+            ) from None
         self._device = "cuda" if self.provider == "cuda" else "cpu"
         return self
 

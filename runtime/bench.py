@@ -11,6 +11,7 @@ import numpy as np
 
 from bigcode_deploy.runtime.backends import open_backend
 from bigcode_deploy.runtime.bundle import Bundle
+from bigcode_deploy.runtime.errors import BigCodeError
 from bigcode_deploy.runtime.session import DecodingSession
 
 
@@ -56,6 +57,15 @@ def bench_bundle(
     opener=None,
 ) -> BenchResult:
     """Greedy decoding with no stop token, so every repeat does the same work."""
+    for name, value, least in (
+        ("prompt_len", prompt_len, 1),
+        ("new_tokens", new_tokens, 2),
+        ("batch", batch, 1),
+        ("repeats", repeats, 1),
+        ("warmup", warmup, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise BigCodeError(f"{name}={value!r} must be an integer >= {least}")
     bundle = Bundle.open(bundle_path)
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, bundle.config["vocab_size"], (batch, prompt_len)).tolist()

@@ -14,7 +14,7 @@ import numpy as np
 
 from bigcode_deploy.runtime.errors import BundleError
 from bigcode_deploy.runtime.hashing import sha256_file
-from bigcode_deploy.runtime.manifest import BATCH, NUMPY_DTYPES, PAST, KVCache, Manifest
+from bigcode_deploy.runtime.manifest import BATCH, MANIFEST_FILE, NUMPY_DTYPES, PAST, KVCache, Manifest
 
 
 @dataclass
@@ -28,6 +28,8 @@ class Bundle:
 
         Raises BundleError (one line naming the file and what to do) for anything missing, malformed or changed.
         """
+        if not isinstance(path, (str, Path)) or not str(path):
+            raise BundleError(f"a bundle path must be a non-empty str or Path, not {path!r}")
         path = Path(path)
         manifest = Manifest.read(path)
         for name in manifest.graph.names:
@@ -39,7 +41,25 @@ class Bundle:
                     f"{file} does not match the sha256 in manifest.json (the graph changed after export); re-export "
                     "or re-optimize the bundle"
                 )
-        return cls(path, manifest)
+        bundle = cls(path, manifest)
+        if manifest.quantization is not None:
+            bundle._check_quantization_claim()
+        return bundle
+
+    def _check_quantization_claim(self) -> None:
+        """A manifest that claims weight-only quantization gets the quantized criteria (looser than elementwise):
+        the graph must hold the MatMulNBits nodes that the claim is about."""
+        import onnx
+
+        try:
+            graph = onnx.load(str(self.graph_path), load_external_data=False).graph
+        except Exception as exc:  # onnx raises protobuf's DecodeError for a file that is not a model
+            raise BundleError(f"{self.graph_path} is not an ONNX model ({type(exc).__name__}); re-export it") from None
+        if not any(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in graph.node):
+            raise BundleError(
+                f"{self.path / MANIFEST_FILE} claims {self.manifest.quantization.get('scheme')} quantization but the "
+                "graph has no MatMulNBits node; re-optimize the bundle"
+            )
 
     @property
     def graph_path(self) -> Path:

@@ -1,12 +1,14 @@
 """The Python side of the C ABI (runtime/include/bigcode_runtime.h), installed into the embedded interpreter.
 
-libbigcode_runtime.so is built by cffi's embedding mode (runtime/capi_build.py): cffi writes the C entry points,
-starts CPython on the first call and runs `install(ffi, lib)`, which defines each entry point here with
-@ffi.def_extern. cffi was chosen over pybind11's embed because it needs no hand-written C or C++ at all (the
-header is the whole interface) and it takes the GIL around every entry point by itself.
+libbigcode_runtime.so is built by cffi's embedding mode (runtime/capi_build.py): each entry point of the header
+is a C function generated from its prototype that starts CPython on the first call (and returns
+BCR_ERR_RUNTIME_UNAVAILABLE if that failed) and calls its implementation here, `bcr_py_<name>`, defined with
+@ffi.def_extern by `install(ffi, lib)`. cffi was chosen over pybind11's embed because no C or C++ is written by
+hand (the header is the whole interface) and it takes the GIL around every entry point by itself.
 
 Every entry point maps exceptions to a status code and a thread-local message, so no Python exception crosses
-into C.
+into C. Handles are ids from a table with a generation counter per slot (`Handles`), never object addresses: a
+closed handle can never reach a newer object.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 import json
 import threading
 import traceback
+import weakref
 
 import numpy as np
 
@@ -25,14 +28,12 @@ from bigcode_deploy.runtime.errors import (
     CheckpointError,
     ConfigError,
     ContextOverflow,
+    StateError,
 )
-from bigcode_deploy.runtime.version import __version__
+from bigcode_deploy.runtime.parity_record import parity_summary
 
-OK, INVALID_ARGUMENT, BAD_BUNDLE, CONTEXT_OVERFLOW, BACKEND_UNAVAILABLE, CANCELLED, STATE, INTERNAL = range(8)
-
-
-class StateError(BigCodeError):
-    """A call out of order (generate before prefill, a closed handle)."""
+(OK, INVALID_ARGUMENT, BAD_BUNDLE, CONTEXT_OVERFLOW, BACKEND_UNAVAILABLE, CANCELLED, STATE, INTERNAL) = range(8)
+# 8, BCR_ERR_RUNTIME_UNAVAILABLE, is returned by the C side only (Python did not start).
 
 
 class Cancelled(BigCodeError):
@@ -55,6 +56,58 @@ def status_of(exc: BaseException) -> int:
     return INTERNAL
 
 
+PY_PREFIX = "bcr_py_"  # bcr_NAME's implementation (runtime/capi_build.py generates the C side)
+
+
+class Handles:
+    """Opaque C handles: an id of (generation << SLOT_BITS) | (slot + 1), never an object's address.
+
+    Closing a handle empties its slot and bumps the slot's generation, so the closed id never names the slot's next
+    object: a stale handle reads as closed (StateError). The generation wraps after 2**(bits - SLOT_BITS) reuses of
+    one slot (2**32 on 64-bit machines). Thread-safe (a lock: entry points on other threads interleave)."""
+
+    def __init__(self, pointer_bits: int):
+        self.slot_bits = 32 if pointer_bits >= 64 else 16
+        self.generation_limit = 1 << (pointer_bits - self.slot_bits)
+        self.lock = threading.Lock()
+        self.slots: list[list] = []  # [generation, object or None]
+        self.free: list[int] = []
+
+    def add(self, obj: object) -> int:
+        with self.lock:
+            if self.free:
+                slot = self.free.pop()
+            else:
+                if len(self.slots) + 1 >= 1 << self.slot_bits:
+                    raise BigCodeError(f"too many open handles ({len(self.slots)}); close some first")
+                self.slots.append([1, None])
+                slot = len(self.slots) - 1
+            self.slots[slot][1] = obj
+            return (self.slots[slot][0] << self.slot_bits) | (slot + 1)
+
+    def _find(self, value: int) -> int | None:
+        slot, generation = (value & ((1 << self.slot_bits) - 1)) - 1, value >> self.slot_bits
+        if 0 <= slot < len(self.slots) and self.slots[slot][0] == generation and self.slots[slot][1] is not None:
+            return slot
+        return None
+
+    def get(self, value: int) -> object | None:
+        with self.lock:
+            slot = self._find(value)
+            return None if slot is None else self.slots[slot][1]
+
+    def remove(self, value: int) -> object | None:
+        with self.lock:
+            slot = self._find(value)
+            if slot is None:
+                return None
+            entry = self.slots[slot]
+            obj, entry[1] = entry[1], None
+            entry[0] = entry[0] % (self.generation_limit - 1) + 1  # 1 .. limit - 1: an id is never 0 (NULL)
+            self.free.append(slot)
+            return obj
+
+
 class Session:
     def __init__(self, bundle_handle: BundleHandle):
         self.owner = bundle_handle
@@ -62,11 +115,17 @@ class Session:
         self.logits: np.ndarray | None = None
         self.seen: list[list[int]] = []
         self.cancel = threading.Event()
+        bundle_handle.sessions.add(self)
 
     def prefill(self, prompts: list[list[int]]) -> None:
+        """Replace the batch; on failure (also the backend's) the previous batch stays, as DecodingSession does."""
+        logits = self.decoding.prefill(prompts)
+        self.logits, self.seen = logits, [list(p) for p in prompts]
         self.cancel.clear()
-        self.logits = self.decoding.prefill(prompts)
-        self.seen = [list(p) for p in prompts]
+
+    def drop(self) -> None:
+        """The bundle was closed: free the cache; every later call on this session is a StateError."""
+        self.decoding, self.logits, self.seen = None, None, []
 
 
 class BundleHandle:
@@ -79,21 +138,30 @@ class BundleHandle:
         self.backend = open_backend(bundle, backend, threads=threads)
         self.backend.__enter__()
         self.generator = Generator(bundle, self.backend)
+        self.sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+        self.closed = False
 
     def close(self) -> None:
+        self.closed = True
+        for session in list(self.sessions):
+            session.drop()
         self.backend.__exit__(None, None, None)
 
 
 def install(ffi, lib) -> None:
     local = threading.local()
-    alive: dict[int, object] = {}  # handle address -> the cdata from ffi.new_handle (keeps it valid)
-    version = ffi.new("char[]", __version__.encode())
+    handles = Handles(8 * ffi.sizeof("uintptr_t"))
 
     def set_error(message: str) -> None:
         local.error = ffi.new("char[]", message.encode("utf-8", "replace"))
 
+    def export(fn):
+        """Define fn as the Python side of the header's function of the same name (bcr_py_NAME for bcr_NAME)."""
+        return ffi.def_extern(name=PY_PREFIX + fn.__name__.removeprefix("bcr_"))(fn)
+
     def entry(fn):
-        """Run fn; map exceptions to a status and the thread's last error."""
+        """Run fn; map exceptions to a status and the thread's last error. Exported returning BCR_ERR_INTERNAL should
+        the mapping itself raise (cffi's default for that would be 0, BCR_OK)."""
 
         @functools.wraps(fn)
         def wrapper(*args):
@@ -112,27 +180,32 @@ def install(ffi, lib) -> None:
                     set_error(str(exc))
                 return status
 
-        return wrapper
+        def onerror(kind, exc, tb):
+            try:
+                set_error(f"internal error: {kind.__name__}: {exc}")
+            except BaseException:  # nothing may cross into C; the status is INTERNAL either way
+                pass
+
+        name = PY_PREFIX + fn.__name__.removeprefix("bcr_")
+        return ffi.def_extern(name=name, error=INTERNAL, onerror=onerror)(wrapper)
 
     def new_handle(obj, ctype: str):
-        handle = ffi.new_handle(obj)
-        alive[int(ffi.cast("uintptr_t", handle))] = handle
-        return ffi.cast(ctype, handle)
+        return ffi.cast(ctype, handles.add(obj))
 
     def lookup(ptr, kind: type, name: str):
         if ptr == ffi.NULL:
             raise BigCodeError(f"{name} is NULL")
-        handle = alive.get(int(ffi.cast("uintptr_t", ptr)))
-        obj = ffi.from_handle(handle) if handle is not None else None
+        obj = handles.get(int(ffi.cast("uintptr_t", ptr)))
         if not isinstance(obj, kind):
             raise StateError(f"{name} is not an open handle (closed already, or never opened)")
+        if isinstance(obj, Session) and obj.owner.closed:
+            raise StateError("the session's bundle was closed (bcr_bundle_close); close the session")
         return obj
 
     def release(ptr) -> object | None:
         if ptr == ffi.NULL:
             return None
-        handle = alive.pop(int(ffi.cast("uintptr_t", ptr)), None)
-        return ffi.from_handle(handle) if handle is not None else None
+        return handles.remove(int(ffi.cast("uintptr_t", ptr)))
 
     def prefilled(ptr, call: str) -> Session:
         s = lookup(ptr, Session, "session")
@@ -145,26 +218,15 @@ def install(ffi, lib) -> None:
             raise BigCodeError(f"{name} is NULL")
         return ffi.string(ptr).decode("utf-8")
 
-    @ffi.def_extern()
-    def bcr_version():
-        return version
+    # bcr_version and bcr_sampling_options_default are plain C (capi_build.py): they work without Python.
 
-    @ffi.def_extern()
+    @export
     def bcr_last_error():
         error = getattr(local, "error", None)
         if error is None:
             set_error("")
         return local.error
 
-    @ffi.def_extern()
-    def bcr_sampling_options_default(options):
-        if options == ffi.NULL:
-            return
-        options.max_new_tokens, options.temperature, options.top_k, options.top_p = 32, 0.0, 0, 1.0
-        options.repetition_penalty, options.seed, options.has_seed = 1.0, 0, 0
-        options.stop_token_ids, options.num_stop_token_ids = ffi.NULL, 0
-
-    @ffi.def_extern()
     @entry
     def bcr_bundle_open(path, options, out):
         if out == ffi.NULL:
@@ -177,7 +239,6 @@ def install(ffi, lib) -> None:
             threads = int(options.threads)
         out[0] = new_handle(BundleHandle(text(path, "path"), backend, threads), "bcr_bundle *")
 
-    @ffi.def_extern()
     @entry
     def bcr_bundle_info(bundle, buffer, capacity, needed):
         b = lookup(bundle, BundleHandle, "bundle")
@@ -191,13 +252,7 @@ def install(ffi, lib) -> None:
             "has_tokenizer": b.generator.tokenizer is not None,
             "backend": b.backend.name,
         }
-        parity = b.generator.bundle.path / "parity.json"
-        if parity.is_file():
-            report = json.loads(parity.read_text())
-            info["parity"] = {
-                k: report.get(k)
-                for k in ("ok", "backend", "dtype", "top1_agreement", "mean_abs_logit_error", "greedy_first_divergence")
-            }
+        info["parity"] = parity_summary(b.generator.bundle)  # "none" unless bound to this graph
         data = json.dumps(info).encode()
         if needed != ffi.NULL:
             needed[0] = len(data) + 1
@@ -208,13 +263,12 @@ def install(ffi, lib) -> None:
         if capacity < len(data) + 1:
             raise BigCodeError(f"buffer too small: the info needs {len(data) + 1} bytes")
 
-    @ffi.def_extern()
+    @export
     def bcr_bundle_close(bundle):
         obj = release(bundle)
         if isinstance(obj, BundleHandle):
             obj.close()
 
-    @ffi.def_extern()
     @entry
     def bcr_session_create(bundle, out):
         if out == ffi.NULL:
@@ -222,7 +276,6 @@ def install(ffi, lib) -> None:
         out[0] = ffi.NULL
         out[0] = new_handle(Session(lookup(bundle, BundleHandle, "bundle")), "bcr_session *")
 
-    @ffi.def_extern()
     @entry
     def bcr_session_prefill_ids(session, prompts, lengths, batch):
         s = lookup(session, Session, "session")
@@ -235,13 +288,11 @@ def install(ffi, lib) -> None:
             rows.append(list(ffi.unpack(prompts[i], lengths[i])))
         s.prefill(rows)
 
-    @ffi.def_extern()
     @entry
     def bcr_session_prefill_text(session, prompt):
         s = lookup(session, Session, "session")
         s.prefill([s.owner.generator.encode(text(prompt, "text"))])
 
-    @ffi.def_extern()
     @entry
     def bcr_session_generate(session, options, callback, user_data, generated):
         from bigcode_deploy.runtime.generate import GenerationStats, continue_stream
@@ -284,20 +335,16 @@ def install(ffi, lib) -> None:
             if s.cancel.is_set():
                 raise Cancelled("cancelled by bcr_session_cancel")
 
-    @ffi.def_extern()
     @entry
     def bcr_session_step(session, tokens, count):
         s = prefilled(session, "step")
         if tokens == ffi.NULL or count != len(s.decoding.rows):
             raise BigCodeError(f"step takes one token per active row ({len(s.decoding.rows)}), got {count}")
         chosen = np.array(ffi.unpack(tokens, count), dtype=np.int64)
-        if ((chosen < 0) | (chosen >= s.decoding.vocab_size)).any():
-            raise BigCodeError(f"a token id is outside the vocabulary [0, {s.decoding.vocab_size})")
-        s.logits = s.decoding.step(chosen)
+        s.logits = s.decoding.step(chosen)  # validates the ids; a failure (also the backend's) changes nothing
         for row, token in zip(s.decoding.rows, chosen):
             s.seen[row].append(int(token))
 
-    @ffi.def_extern()
     @entry
     def bcr_session_last_logits(session, out, capacity, rows, vocab):
         s = prefilled(session, "last_logits")
@@ -310,11 +357,10 @@ def install(ffi, lib) -> None:
             raise BigCodeError(f"out must hold {logits.size} floats ({logits.shape[0]} rows x {logits.shape[1]})")
         ffi.memmove(out, ffi.from_buffer(logits), logits.nbytes)
 
-    @ffi.def_extern()
     @entry
     def bcr_session_cancel(session):
         lookup(session, Session, "session").cancel.set()
 
-    @ffi.def_extern()
+    @export
     def bcr_session_close(session):
         release(session)

@@ -7,6 +7,16 @@ dependencies through the building interpreter's site-packages, recorded here at 
 site.addsitedir (so .pth files, an editable install's among them, take effect); BIGCODE_RUNTIME_PYTHONPATH
 (os.pathsep-separated) is searched first when set. The header ships inside the package (package data), so the
 library also builds from an installed wheel.
+
+Start failure. When the embedded interpreter cannot start (a moved virtual environment, a package that fails to
+import), cffi does not call the Python function and returns a zero-filled result instead, and 0 is BCR_OK. So each
+entry point of the header is a small C function, generated here from the header's prototype, that first calls
+cffi's `cffi_start_python()` (-1 when the start failed, for the life of the process) and then returns
+BCR_ERR_RUNTIME_UNAVAILABLE (void functions: do nothing), or calls its Python implementation, an
+`extern "Python"` function named `bcr_py_<name>` (static: not exported). The start code records why it failed
+(`bcr_internal_start_failed`), which bcr_last_error returns. bcr_version and bcr_sampling_options_default are plain
+C: they work without Python. A Python implementation that raises despite capi.py's own handling returns
+BCR_ERR_INTERNAL (`ffi.def_extern(error=...)`), never the zero that means BCR_OK.
 """
 
 from __future__ import annotations
@@ -18,8 +28,49 @@ from pathlib import Path
 
 import cffi
 
+from bigcode_deploy.runtime.version import __version__
+
 HEADER = Path(__file__).resolve().parent / "include" / "bigcode_runtime.h"
 MODULE = "_bigcode_runtime_cffi"
+PY_PREFIX = "bcr_py_"  # the Python implementation of bcr_NAME is bcr_py_NAME (capi.py defines them)
+PURE_C = ("bcr_version", "bcr_sampling_options_default")  # no Python behind them
+
+# C helpers the generated entry points and the start code use (static: not exported).
+C_SUPPORT = r"""
+#include <stdio.h>
+#include <string.h>
+
+static char bcr_start_error[1024] =
+    "the embedded Python runtime did not start (Python itself failed to initialize; cffi printed why on stderr)";
+
+/* Called by the start code (Python) when it fails, before cffi marks the start as failed. */
+static void bcr_internal_start_failed(const char *message) {
+    snprintf(bcr_start_error, sizeof bcr_start_error, "%s", message);
+}
+
+CFFI_DLLEXPORT const char *bcr_version(void) { return "@VERSION@"; }
+
+CFFI_DLLEXPORT void bcr_sampling_options_default(bcr_sampling_options *options) {
+    if (options == NULL) return;
+    memset(options, 0, sizeof *options);
+    options->max_new_tokens = 32;
+    options->temperature = 0.0f;
+    options->top_k = 0;
+    options->top_p = 1.0f;
+    options->repetition_penalty = 1.0f;
+    options->stop_token_ids = NULL;
+    options->num_stop_token_ids = 0;
+}
+
+static const char *bcr_py_last_error(void);
+
+CFFI_DLLEXPORT const char *bcr_last_error(void) {
+    const char *message;
+    if (cffi_start_python() != 0) return bcr_start_error;
+    message = bcr_py_last_error();
+    return message != NULL ? message : "";
+}
+"""
 
 
 def declarations() -> str:
@@ -34,34 +85,87 @@ def declarations() -> str:
     return "\n".join(keep)
 
 
+def split_declarations() -> tuple[list[str], list[tuple[str, str, str]]]:
+    """(type statements, [(return type, name, parameter list)] of the header's functions)."""
+    types, functions = [], []
+    for statement in [" ".join(s.split()) for s in declarations().split(";") if s.strip()]:
+        if "(" in statement and not statement.startswith("typedef"):
+            match = re.fullmatch(r"(.+?)\b(bcr_\w+)\s*\((.*)\)", statement)
+            if match is None:
+                raise ValueError(f"cannot read the prototype {statement!r} in {HEADER.name}")
+            functions.append((match.group(1).strip(), match.group(2), match.group(3).strip()))
+        else:
+            types.append(statement + ";")
+    return types, functions
+
+
+def parameter_names(parameters: str) -> list[str]:
+    if parameters in ("", "void"):
+        return []
+    return [re.findall(r"\w+", p)[-1] for p in parameters.split(",")]
+
+
+def entry_point(result: str, name: str, parameters: str) -> str:
+    """The exported C function for bcr_NAME: start Python (or fail with a status), then call bcr_py_NAME."""
+    impl = PY_PREFIX + name.removeprefix("bcr_")
+    call = f"{impl}({', '.join(parameter_names(parameters))})"
+    if result == "void":
+        on_failure, body = "return;", f"{call};"
+    elif result == "bcr_status":
+        on_failure, body = "return BCR_ERR_RUNTIME_UNAVAILABLE;", f"return {call};"
+    else:
+        raise ValueError(f"{name} returns {result}: only bcr_status and void entry points are generated")
+    return (
+        f"static {result} {impl}({parameters});\n"
+        f"CFFI_DLLEXPORT {result} {name}({parameters}) {{\n"
+        f"    if (cffi_start_python() != 0) {on_failure}\n"
+        f"    {body}\n"
+        "}\n"
+    )
+
+
 def build(out_dir: Path) -> Path:
-    decls = declarations()
+    types, functions = split_declarations()
     ffi = cffi.FFI()
-    function_lines, type_lines = [], []
-    for statement in [s.strip() + ";" for s in decls.split(";") if s.strip()]:
-        is_function = "(" in statement and not statement.startswith("typedef")
-        (function_lines if is_function else type_lines).append(statement)
-    ffi.cdef("\n".join(type_lines))
-    ffi.embedding_api("\n".join(function_lines))
+    ffi.cdef("\n".join(types))
+    python_side = [f for f in functions if f[1] not in PURE_C]
+    ffi.cdef(
+        "\n".join(
+            f'extern "Python" {result} {PY_PREFIX}{name.removeprefix("bcr_")}({parameters});'
+            for result, name, parameters in python_side
+        )
+        + "\nvoid bcr_sampling_options_default(bcr_sampling_options *options);"
+        + "\nvoid bcr_internal_start_failed(const char *message);"
+    )
+    ffi.embedding_api("")  # the exported functions are the C ones below, not cffi's
+    generated = [entry_point(*f) for f in python_side if f[1] != "bcr_last_error"]
     libdir = sysconfig.get_config_var("LIBDIR")
     ffi.set_source(
         MODULE,
-        f'#include "{HEADER.name}"',
+        f'#include "{HEADER.name}"\n' + C_SUPPORT.replace("@VERSION@", __version__) + "\n".join(generated),
         include_dirs=[str(HEADER.parent)],
         extra_link_args=[f"-Wl,-rpath,{libdir}"] if libdir else [],
     )
     site_dirs = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     ffi.embedding_init_code(f"""
 import os, site, sys
-for _d in {site_dirs!r}:
-    site.addsitedir(_d)
-_extra = [p for p in os.environ.get("BIGCODE_RUNTIME_PYTHONPATH", "").split(os.pathsep) if p]
-for _p in reversed(_extra):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 from {MODULE} import ffi, lib
-import bigcode_deploy.runtime.capi
-bigcode_deploy.runtime.capi.install(ffi, lib)
+try:
+    for _d in {site_dirs!r}:
+        site.addsitedir(_d)
+    _extra = [p for p in os.environ.get("BIGCODE_RUNTIME_PYTHONPATH", "").split(os.pathsep) if p]
+    for _p in reversed(_extra):
+        if _p not in sys.path:
+            sys.path.insert(0, _p)
+    import bigcode_deploy.runtime.capi
+    bigcode_deploy.runtime.capi.install(ffi, lib)
+except BaseException as _exc:
+    _why = " ".join(f"{{type(_exc).__name__}}: {{_exc}}".split())
+    lib.bcr_internal_start_failed(
+        f"the embedded Python runtime did not start: {{_why}} (Python {{sys.version.split()[0]}} at "
+        f"{{sys.prefix}}; cffi printed the traceback on stderr)".encode("utf-8", "replace")
+    )
+    raise
 """)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = ffi.compile(tmpdir=str(out_dir / "tmp"), target="libbigcode_runtime.*", verbose=False)

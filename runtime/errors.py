@@ -32,3 +32,7 @@ class ContextOverflow(BigCodeError):
 
 class LintError(BigCodeError):
     """A graph that TensorRT's parser would reject."""
+
+
+class StateError(BigCodeError):
+    """A call out of order: a step before a prefill, a closed or stale handle, a session whose bundle was closed."""

@@ -7,6 +7,8 @@ from collections import Counter
 import onnx
 
 from bigcode_deploy.runtime.bundle import Bundle
+from bigcode_deploy.runtime.errors import BundleError
+from bigcode_deploy.runtime.parity_record import parity_summary
 
 
 def node_counts(model: onnx.ModelProto) -> Counter:
@@ -18,7 +20,10 @@ def describe(path: str) -> str:
     bundle = Bundle.open(path)
     m = bundle.manifest
     c = m.config
-    model = onnx.load(str(bundle.graph_path), load_external_data=False)
+    try:
+        model = onnx.load(str(bundle.graph_path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError for a file that is not a model
+        raise BundleError(f"{bundle.graph_path} is not an ONNX model ({type(exc).__name__}); re-export it") from None
     lines = [
         f"bundle      {bundle.path}",
         f"format      {m.format} v{m.format_version} (bigcode-deploy {m.package_version})",
@@ -32,8 +37,30 @@ def describe(path: str) -> str:
         *[f"  {o.name:<32} {o.dtype:<8} {o.shape}" for o in m.outputs],
         "passes      "
         + (", ".join(f"{p.name} x{p.count}" + (f" ({p.reason})" if p.reason else "") for p in m.passes) or "none"),
+        "quantized   "
+        + (
+            f"{m.quantization['scheme']} weight-only "
+            f"({m.quantization.get('op')}, block {m.quantization.get('block_size')})"
+            if m.quantization
+            else "none"
+        ),
+        "reference   "
+        + (
+            f"{m.reference.file}: fp32 torch, {len(m.reference.prompts)} prompts, {m.reference.steps} steps"
+            + (f", torch {m.reference.model_dtype} error terms" if m.reference.model_dtype != "fp32" else "")
+            if m.reference
+            else "none (verify needs --model MODEL_DIR)"
+        ),
+        "parity      " + _parity_line(parity_summary(bundle)),
         "functions   " + (", ".join(f"{f.domain}::{f.name}" for f in model.functions) or "none"),
         "nodes",
         *[f"  {domain:<10} {op:<28} {n}" for (domain, op), n in sorted(node_counts(model).items())],
     ]
     return "\n".join(lines)
+
+
+def _parity_line(summary: dict) -> str:
+    if summary["status"] == "none":
+        return f"none ({summary['reason']})"
+    s = summary
+    return f"{s['status']} on {s['backend']} against the {s['reference']} reference ({s['criterion']})"

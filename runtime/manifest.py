@@ -321,26 +321,62 @@ class Manifest:
         def bad(name: str, what: str) -> BundleError:
             return BundleError(f"{where}: {name} {what}; re-export the bundle")
 
+        def plain(name: object) -> bool:
+            return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+
+        def positive_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+        for field_name in ("task", "dtype", "target", "logits_positions"):
+            if not isinstance(getattr(self, field_name), str):
+                raise bad(field_name, f"is {getattr(self, field_name)!r}, not a string")
         if self.task not in TASKS:
             raise bad("task", f"{self.task!r} is not one of {', '.join(TASKS)}")
         if self.dtype not in GRAPH_DTYPES:
             raise bad("dtype", f"{self.dtype!r} is not one of {', '.join(GRAPH_DTYPES)}")
         if self.target not in TARGETS:
             raise bad("target", f"{self.target!r} is not one of {', '.join(TARGETS)}")
-        for name in ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head"):
-            value = self.config.get(name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise bad(f"config.{name}", f"is {value!r}, not a positive integer")
-        for spec in [*self.inputs, *self.outputs]:
-            if spec.dtype not in NUMPY_DTYPES:
-                raise bad(f"the dtype of {spec.name!r}", f"is {spec.dtype!r}, not one of {', '.join(NUMPY_DTYPES)}")
-        for name in self.graph.names:
-            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-                raise bad("graph", f"names {name!r}, which is not a plain file name inside the bundle")
-        if self.kv_cache is not None and self.kv_cache.num_layers != self.config["n_layer"]:
-            raise bad("kv_cache.num_layers", f"is {self.kv_cache.num_layers}, config.n_layer {self.config['n_layer']}")
         if self.logits_positions not in ("all", "last"):
             raise bad("logits_positions", f"is {self.logits_positions!r}, not 'all' or 'last'")
+        if not isinstance(self.config, dict):
+            raise bad("config", "is not an object")
+        for name in ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head"):
+            if not positive_int(self.config.get(name)):
+                raise bad(f"config.{name}", f"is {self.config.get(name)!r}, not a positive integer")
+        if not isinstance(self.config.get("multi_query"), bool):
+            raise bad("config.multi_query", f"is {self.config.get('multi_query')!r}, not true or false")
+        if self.config["n_embd"] % self.config["n_head"]:
+            raise bad("config.n_embd", "is not divisible by config.n_head")
+        # The graph's I/O must be the contract's, by name and dtype (shapes may be lowered, e.g. last-token logits).
+        expected_in, expected_out = io_spec(self.config, self.task, self.dtype, self.kv_cache is not None)
+        for label, found, expected in (("inputs", self.inputs, expected_in), ("outputs", self.outputs, expected_out)):
+            if [(t.name, t.dtype) for t in found] != [(t.name, t.dtype) for t in expected]:
+                raise bad(label, f"do not match a {self.task} {self.dtype} graph's (names and dtypes, in order)")
+        for name in self.graph.names:
+            if not plain(name):
+                raise bad("graph", f"names {name!r}, which is not a plain file name inside the bundle")
+        if not isinstance(self.graph.sha256, dict):  # each digest is checked when the bundle is opened
+            raise bad("graph.sha256", "is not an object of file name -> sha256")
+        if self.tokenizer is not None and not plain(self.tokenizer):
+            raise bad("tokenizer", f"names {self.tokenizer!r}, which is not a plain file name inside the bundle")
+        if not isinstance(self.hf_files, list) or not all(plain(n) for n in self.hf_files):
+            raise bad("hf_files", "is not a list of plain file names inside the bundle")
+        if self.kv_cache is not None and self.kv_cache.num_layers != self.config["n_layer"]:
+            raise bad("kv_cache.num_layers", f"is {self.kv_cache.num_layers}, config.n_layer {self.config['n_layer']}")
+        if self.quantization is not None and (
+            not isinstance(self.quantization, dict) or self.quantization.get("scheme") not in QUANTIZATION_SCHEMES
+        ):
+            raise bad("quantization.scheme", f"is not one of {', '.join(QUANTIZATION_SCHEMES)}")
+        r = self.reference
+        if r is not None:
+            if not plain(r.file) or not isinstance(r.sha256, str):
+                raise bad("reference.file", f"names {r.file!r}, which is not a plain file name inside the bundle")
+            if not isinstance(r.steps, int) or isinstance(r.steps, bool) or r.steps < 0:
+                raise bad("reference.steps", f"is {r.steps!r}, not a count of decode steps")
+            if not (isinstance(r.prompts, list) and r.prompts and all(isinstance(p, list) for p in r.prompts)):
+                raise bad("reference.prompts", "is not a list of token id lists")
+            if r.dtype != "fp32" or r.model_dtype not in GRAPH_DTYPES:
+                raise bad("reference.dtype", f"is {r.dtype!r} / {r.model_dtype!r}: the reference is fp32 torch")
 
     # --- queries --------------------------------------------------------------------------------------------
     @property

@@ -158,7 +158,7 @@ class ReferenceOutputs:
     and present statistics (layers, 2, 4) absolute differences. `kind` says where it came from (stored / live)."""
 
     run: TeacherForced
-    greedy: list[list[int]]
+    greedy: list[list[int]] | None
     model_dtype: str
     kind: str
     main_error: np.ndarray | None = None  # (steps + 1, 2): the dtype model's max abs and mean abs error
@@ -218,7 +218,10 @@ class ReferenceOutputs:
             raise BundleError(f"{path} does not match the sha256 in manifest.json; re-export the bundle")
         try:
             t = load_file(str(path))
-            lengths = t["prompt_lengths"].tolist()
+        except Exception as exc:  # safetensors raises its own SafetensorError for a bad header
+            raise BundleError(f"{path} is not a readable safetensors file ({exc}); re-export the bundle") from None
+        try:
+            lengths = [int(n) for n in t["prompt_lengths"].tolist()]
             flat = t["prompt_ids"].tolist()
             prompts, start = [], 0
             for n in lengths:
@@ -228,26 +231,69 @@ class ReferenceOutputs:
                 StepOutputs(t[f"step{i}.main"], t[f"step{i}.last"], t.get(f"step{i}.present_stats"))
                 for i in range(record.steps + 1)
             ]
-        except (KeyError, ValueError, OSError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise BundleError(f"{path} is not a readable reference file ({exc}); re-export the bundle") from None
         if prompts != record.prompts:
             raise BundleError(f"{path} holds other prompts than manifest.json records; re-export the bundle")
-        layers = bundle.manifest.kv_cache.num_layers if bundle.manifest.kv_cache else 0
-        for i, s in enumerate(steps):
-            rows = s.main.shape[0]
-            if (
-                s.main.ndim != 2
-                or s.last.shape != (len(prompts),)
-                or (rows and (s.last.min() < 0 or s.last.max() >= rows))
-                or (s.present_stats is not None and s.present_stats.shape != (layers, 2, len(STATS)))
-            ):
-                raise BundleError(f"{path}: step {i}'s arrays do not fit the manifest; re-export the bundle")
-        run = TeacherForced(prompts=prompts, tokens=t["tokens"], steps=steps)
-        return cls(
-            run=run,
-            greedy=t["greedy"].tolist(),
+        if f"step{record.steps + 1}.main" in t:
+            raise BundleError(f"{path} holds more steps than manifest.json's reference.steps; re-export the bundle")
+        reference = cls(
+            run=TeacherForced(prompts=prompts, tokens=t.get("tokens"), steps=steps),
+            greedy=t["greedy"].tolist() if "greedy" in t else None,
             model_dtype=record.model_dtype,
             kind="stored",
             main_error=t.get("main_error"),
             stats_error=t.get("stats_error"),
         )
+        reference.check(bundle.manifest, str(path), BundleError)
+        return reference
+
+    def check(self, manifest: Manifest, where: str, error: type[Exception]) -> None:
+        """Shapes, id ranges and finiteness of every array against the manifest. A reference that is not finite or
+        does not fit cannot judge anything: raises `error` (BundleError for a stored file, ParityError for a live
+        torch run) naming `where` and the first problem."""
+        config = manifest.config
+        vocab, batch = config["vocab_size"], len(self.run.prompts)
+        layers = manifest.kv_cache.num_layers if manifest.kv_cache else 0
+        n_steps = len(self.run.steps) - 1
+
+        def fail(what: str) -> Exception:
+            fix = "re-export the bundle" if error is BundleError else "check the checkpoint (a broken weight?)"
+            return error(f"{where}: {what}; {fix}")
+
+        def ids_ok(a) -> bool:
+            a = np.asarray(a)
+            return a.dtype.kind in "iu" and (a.size == 0 or (a.min() >= 0 and a.max() < vocab))
+
+        if batch == 0 or any(len(p) == 0 or not ids_ok(p) for p in self.run.prompts):
+            raise fail("the prompts are empty or hold ids outside the vocabulary")
+        if max(len(p) for p in self.run.prompts) + n_steps > config["n_positions"]:
+            raise fail("the prompts and steps exceed the model's context")
+        tokens = self.run.tokens
+        if tokens is None or np.shape(tokens) != (n_steps, batch) or not ids_ok(tokens):
+            raise fail(f"the step tokens are not ({n_steps}, {batch}) ids in the vocabulary")
+        if self.greedy is None or not all(ids_ok(np.asarray(row, dtype=np.int64)) for row in self.greedy):
+            raise fail("the greedy continuation is missing or holds ids outside the vocabulary")
+        width = manifest.output(manifest.main_output).shape[-1]
+        for i, step in enumerate(self.run.steps):
+            main = np.asarray(step.main)
+            if main.ndim != 2 or (isinstance(width, int) and main.shape[1] != width) or main.shape[0] == 0:
+                raise fail(f"step {i}'s {manifest.main_output} has shape {main.shape}, not (positions, {width})")
+            if step.last.shape != (batch,) or step.last.min() < 0 or step.last.max() >= main.shape[0]:
+                raise fail(f"step {i}'s last-position index does not fit its outputs")
+            if not np.isfinite(main).all():
+                raise fail(
+                    f"step {i}'s {manifest.main_output} holds {int((~np.isfinite(main)).sum())} non-finite values"
+                )
+            if layers:
+                stats = step.present_stats
+                if stats is None or stats.shape != (layers, 2, len(STATS)) or not np.isfinite(stats).all():
+                    raise fail(f"step {i}'s present statistics are missing, of the wrong shape, or not finite")
+        if manifest.dtype != "fp32" and self.model_dtype == manifest.dtype:
+            if self.main_error is None or self.main_error.shape != (n_steps + 1, 2):
+                raise fail(f"the torch {manifest.dtype} error terms are missing or of the wrong shape")
+            errors = [self.main_error] + ([self.stats_error] if layers else [])
+            if layers and (self.stats_error is None or self.stats_error.shape != (n_steps + 1, layers, 2, len(STATS))):
+                raise fail(f"the torch {manifest.dtype} present-statistics error terms are missing or misshapen")
+            if any(not np.isfinite(e).all() or (e < 0).any() for e in errors):
+                raise fail(f"the torch {manifest.dtype} error terms are not finite non-negative numbers")

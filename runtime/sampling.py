@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bigcode_deploy.runtime.errors import BigCodeError
+from bigcode_deploy.runtime.errors import BigCodeError, ParityError
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,16 @@ class SamplingOptions:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise BigCodeError(f"{name}={value!r} must be a finite number")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)):
+            raise BigCodeError(f"top_k={self.top_k!r} must be an integer")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0
+        ):
+            raise BigCodeError(f"seed={self.seed!r} must be a non-negative integer")
         if self.temperature < 0:
             raise BigCodeError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
         if self.top_k < 0:
@@ -69,7 +79,15 @@ class Sampler:
         self.rng = np.random.default_rng(options.seed)
 
     def __call__(self, logits: np.ndarray, seen: list) -> np.ndarray:
-        """Next token per row (B,) from last-position logits (B, V) and each row's tokens so far."""
+        """Next token per row (B,) from last-position logits (B, V) and each row's tokens so far.
+
+        Raises ParityError when the graph produced a non-finite logit: no token is chosen from NaN."""
+        if not np.isfinite(logits).all():
+            rows = sorted({int(r) for r in np.argwhere(~np.isfinite(logits))[:, 0]})
+            raise ParityError(
+                f"the graph produced non-finite logits for batch row(s) {rows}: the bundle is broken; run "
+                "`bigcode-deploy verify` on it"
+            )
         o = self.options
         logits = apply_repetition_penalty(logits, seen, o.repetition_penalty)
         if o.greedy:

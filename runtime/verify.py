@@ -9,12 +9,15 @@ bound to the graph's sha256, the backend and the reference it was judged against
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from pathlib import Path
 
 from bigcode_deploy.runtime.backends import open_backend
 from bigcode_deploy.runtime.bundle import Bundle
+from bigcode_deploy.runtime.errors import ParityError
 from bigcode_deploy.runtime.generate import GenerationOptions, generate
 from bigcode_deploy.runtime.manifest import PARITY_FILE
 from bigcode_deploy.runtime.parity import ParityReport, judge
@@ -29,7 +32,10 @@ def verify_against(reference: ReferenceOutputs, bundle: Bundle, backend, backend
     report = judge(reference, candidate, bundle.manifest, backend_name)
     if reference.greedy and reference.greedy[0] and bundle.manifest.task == "causal-lm" and bundle.kv_cache:
         options = GenerationOptions(max_new_tokens=len(reference.greedy[0]), stop_token_ids=())
-        report.greedy_candidate = generate(DecodingSession(backend, bundle), reference.run.prompts, options)
+        try:
+            report.greedy_candidate = generate(DecodingSession(backend, bundle), reference.run.prompts, options)
+        except ParityError:  # non-finite logits: the teacher-forced comparison above has already failed on them
+            report.greedy_candidate = []
     return report
 
 
@@ -46,13 +52,22 @@ def verify_bundle(
     with open_backend(bundle, backend, threads=threads) as b:
         report = verify_against(reference, bundle, b, backend)
     if write:
-        write_parity(bundle.path, report)
+        write_parity(bundle.path, report)  # False on a read-only bundle: the verdict stands, the file is skipped
     return report
 
 
-def write_parity(bundle_dir: Path, report: ParityReport) -> None:
-    """parity.json, replaced atomically (a reader never sees half a file)."""
+def write_parity(bundle_dir: Path, report: ParityReport) -> bool:
+    """parity.json, replaced atomically (a reader never sees half a file). Returns whether it was written: False,
+    writing nothing, when the bundle directory is read-only (EACCES, EPERM, EROFS); the verdict stands either way."""
     path = Path(bundle_dir) / PARITY_FILE
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return False
+    return True

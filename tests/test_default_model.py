@@ -82,7 +82,6 @@ def test_long_greedy_run_identical_on_ort_and_torch(bundles):
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_accuracy_against_fp32(bundles, scheme):
     report = verify_bundle(bundles[scheme])
-    print(scheme, report.top1_agreement, report.mean_abs_logit_error)
     criteria = QUANTIZED_CRITERIA[scheme]
     assert report.top1_agreement >= criteria["min_top1"], report.table()
     assert report.mean_abs_logit_error <= criteria["max_mean_abs"], report.table()

@@ -12,6 +12,7 @@ from pathlib import Path
 from bigcode_deploy.runtime.bundle import Bundle
 from bigcode_deploy.runtime.errors import BigCodeError
 from bigcode_deploy.runtime.progress import Progress, print_progress
+from bigcode_deploy.runtime.staging import refuse_existing
 from bigcode_deploy.runtime.tensorrt_build import build_engine
 from bigcode_deploy.runtime.tensorrt_engine import require_tensorrt, require_tensorrt_target
 
@@ -33,8 +34,9 @@ def build_engine_for(
     Returns the plan's path (under lower_to/engine/ when lowered, else under bundle_path/engine/). force: replace
     an existing lower_to. The engine options are bigcode_deploy.runtime.tensorrt_build.build_engine's.
     Raises BigCodeError (one line), in this order: a non-tensorrt bundle without lower_to, lower_to with a
-    tensorrt bundle (nothing to lower), BackendUnavailable before lowering where no engine could be built after it;
-    then whatever lowering (lower_to existing without force, ...) or building raises.
+    tensorrt bundle (nothing to lower), a lower_to that is (or holds) BUNDLE or exists without force,
+    BackendUnavailable before lowering where no engine could be built after it; then whatever lowering or building
+    raises.
     """
     bundle = Bundle.open(bundle_path)
     target = bundle.manifest.target
@@ -45,6 +47,7 @@ def build_engine_for(
             require_tensorrt_target(bundle.manifest, bundle_path)  # raises, saying what to do
         from bigcode_deploy.workflows.optimize import optimize_bundle
 
+        refuse_existing(lower_to, force, inputs=[bundle_path])  # before anything slow: never over BUNDLE itself
         require_tensorrt()  # before a lowering that could not be followed by a build here
         dtype = "bf16" if bundle.manifest.dtype == "bf16" else "fp16"
         # The lowered manifest records the batch range the engine's profiles may use.

@@ -11,7 +11,6 @@ rewrite that changes numerics cannot be written silently.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -43,18 +42,17 @@ DEFAULT_MAX_BATCH = 8
 
 
 def _reexport(bundle: Bundle, dtype: str, workdir: Path, progress: Progress) -> Bundle:
-    from bigcode_deploy.exporter.checkpoint import weight_files
+    from bigcode_deploy.exporter.checkpoint import check_source
     from bigcode_deploy.exporter.export import export_bundle
 
     m = bundle.manifest
-    model_dir = Path(m.source.get("model_dir", ""))
+    model_dir = source_checkpoint(bundle)
     if not model_dir.is_dir():
         raise BigCodeError(
             f"--dtype {dtype} needs the source checkpoint {model_dir} (recorded in the manifest), which does not "
             f"exist; export it with --dtype {dtype} instead"
         )
-    if sha256_files([model_dir / "config.json", *weight_files(model_dir)]) != m.source.get("sha256"):
-        raise BigCodeError(f"{model_dir} changed since the bundle was exported (sha256 differs); re-export the bundle")
+    check_source(model_dir, m.source)  # CheckpointError naming the files whose sha256 changed
     out = export_bundle(
         model_dir,
         workdir / "reexport",
@@ -67,6 +65,11 @@ def _reexport(bundle: Bundle, dtype: str, workdir: Path, progress: Progress) -> 
         progress=progress,
     )
     return Bundle.open(out)
+
+
+def source_checkpoint(bundle: Bundle) -> Path:
+    """The checkpoint directory the manifest records (absolute in bundles exported since it is resolved)."""
+    return Path(bundle.manifest.source.get("model_dir", ""))
 
 
 def check_on_ort(bundle: Bundle) -> ParityReport:
@@ -93,15 +96,17 @@ def optimize_bundle(
     """Write OUT_DIR: BUNDLE's graph rewritten for `target` (portable, ort, tensorrt), optionally in another dtype
     (re-exported from the recorded checkpoint), with last-token logits, or with int8/int4 weight-only MatMuls (ort).
 
-    Returns out_dir. Raises BigCodeError for a bad option combination or an existing out_dir without force,
-    LintError for a tensorrt graph TensorRT's parser would reject, ParityError when the new graph fails its check;
-    in each case nothing is written under out_dir."""
+    Returns out_dir. Raises BigCodeError for a bad option combination, an existing out_dir without force (also one
+    another command created while this one ran), an out_dir that is or contains BUNDLE (or, re-exporting, the
+    source checkpoint), CheckpointError for a re-export whose checkpoint changed, LintError for a tensorrt graph
+    TensorRT's parser would reject, ParityError when the new graph fails its check; in each case nothing is written
+    under out_dir."""
     out_dir = Path(out_dir)
     if target not in TARGETS:
         raise BigCodeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if quantize is not None and target != "ort":
         raise BigCodeError(f"--quantize is for the ort target (MatMulNBits is an ONNX Runtime op), not {target}")
-    refuse_existing(out_dir, force)
+    refuse_existing(out_dir, force, inputs=[bundle_path])
     source = Bundle.open(bundle_path)
     if source.manifest.target != "portable" and source.manifest.passes:
         raise BigCodeError(
@@ -118,10 +123,16 @@ def optimize_bundle(
             "a bf16 graph cannot be checked here (ONNX Runtime's CPU provider has no bf16 kernels); "
             "pass --no-check to write it unchecked"
         )
-    with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.is_dir() else None) as work:
+    # Re-exporting reads the recorded checkpoint too: OUT_DIR must not be, or hold, either input.
+    inputs = [bundle_path, source.manifest.source.get("model_dir") if dtype != source.manifest.dtype else None]
+    # One staging directory holds the work (a re-export) and the new bundle: a failure, an interrupt, SIGTERM or
+    # SIGHUP removes all of it, and a killed run's is recognised and removed by the next (runtime/staging.py).
+    with staged_dir(out_dir, force, inputs=inputs) as staging:
+        work = staging / ".work"
+        work.mkdir()
         if dtype != source.manifest.dtype:
             with step(progress, f"re-exporting the source checkpoint as {dtype}"):
-                source = _reexport(source, dtype, Path(work), progress)
+                source = _reexport(source, dtype, work, progress)
         with step(progress, f"loading {source.graph_path}"):
             model = ir.load(source.graph_path)
         with step(progress, f"running the {target} passes"):
@@ -143,32 +154,32 @@ def optimize_bundle(
         for p in passes:
             progress(f"  {p.name}: fired {p.count}x" + (f" ({p.reason})" if p.reason else ""))
         custom_ops_used = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN})
-        with staged_dir(out_dir, force) as staging:
-            external = source.manifest.graph.external_data is not None
-            ir.save(model, staging / GRAPH_FILE, external_data=DATA_FILE if external else None)
-            del model
-            graph = GraphFiles(GRAPH_FILE, DATA_FILE if external else None, {})
-            graph.sha256 = sha256_files([staging / name for name in graph.names])
-            manifest = source.manifest.derive(
-                target=target,
-                passes=passes,
-                custom_ops_used=custom_ops_used,
-                graph=graph,
-                last_token_logits=last_token_logits,
-                max_batch=max_batch if target == "tensorrt" else None,
-                quantization=quantization,
-            )
-            if target == "tensorrt":
-                problems = lint_tensorrt(onnx.load(str(staging / GRAPH_FILE), load_external_data=False), manifest)
-                if problems:
-                    raise LintError("the tensorrt graph fails the lint:\n" + "\n".join(problems))
-            for item in source.path.iterdir():  # tokenizer, Hugging Face config files, the reference outputs
-                if item.is_file() and item.name not in GRAPH_OUTPUT_FILES:
-                    shutil.copy2(item, staging / item.name)
-            manifest.write(staging)
-            if check:
-                with step(progress, "checking on ONNX Runtime against the stored torch reference"):
-                    report = check_on_ort(Bundle.open(staging))
-                progress(report.summary())
+        external = source.manifest.graph.external_data is not None
+        ir.save(model, staging / GRAPH_FILE, external_data=DATA_FILE if external else None)
+        del model
+        graph = GraphFiles(GRAPH_FILE, DATA_FILE if external else None, {})
+        graph.sha256 = sha256_files([staging / name for name in graph.names])
+        manifest = source.manifest.derive(
+            target=target,
+            passes=passes,
+            custom_ops_used=custom_ops_used,
+            graph=graph,
+            last_token_logits=last_token_logits,
+            max_batch=max_batch if target == "tensorrt" else None,
+            quantization=quantization,
+        )
+        if target == "tensorrt":
+            problems = lint_tensorrt(onnx.load(str(staging / GRAPH_FILE), load_external_data=False), manifest)
+            if problems:
+                raise LintError("the tensorrt graph fails the lint:\n" + "\n".join(problems))
+        for item in source.path.iterdir():  # tokenizer, Hugging Face config files, the reference outputs
+            if item.is_file() and item.name not in GRAPH_OUTPUT_FILES:
+                shutil.copy2(item, staging / item.name)
+        shutil.rmtree(work)
+        manifest.write(staging)
+        if check:
+            with step(progress, "checking on ONNX Runtime against the stored torch reference"):
+                report = check_on_ort(Bundle.open(staging))
+            progress(report.summary())
     progress(f"wrote {out_dir}")
     return out_dir

@@ -15,8 +15,9 @@
 
 namespace {
 
-int fail(const char *what) {
-    std::fprintf(stderr, "error: %s: %s\n", what, bcr_last_error());
+// Every failure is a non-zero status, also when the embedded runtime cannot start (BCR_ERR_RUNTIME_UNAVAILABLE).
+int fail(const char *what, bcr_status status) {
+    std::fprintf(stderr, "error: %s (status %d): %s\n", what, static_cast<int>(status), bcr_last_error());
     return 1;
 }
 
@@ -75,12 +76,13 @@ int main(int argc, char **argv) {
     }
 
     bcr_bundle *bundle = nullptr;
-    if (bcr_bundle_open(bundle_path, nullptr, &bundle) != BCR_OK) return fail("opening the bundle");
+    bcr_status status = bcr_bundle_open(bundle_path, nullptr, &bundle);
+    if (status != BCR_OK) return fail("opening the bundle", status);
     bcr_session *session = nullptr;
-    if (bcr_session_create(bundle, &session) != BCR_OK) return fail("creating a session");
+    status = bcr_session_create(bundle, &session);
+    if (status != BCR_OK) return fail("creating a session", status);
 
     auto start = std::chrono::steady_clock::now();
-    bcr_status status;
     if (!ids.empty()) {
         const int32_t *rows[] = {ids.data()};
         const int32_t lengths[] = {static_cast<int32_t>(ids.size())};
@@ -89,11 +91,12 @@ int main(int argc, char **argv) {
         if (!stream.print_ids) std::fputs(prompt.c_str(), stdout);
         status = bcr_session_prefill_text(session, prompt.c_str());
     }
-    if (status != BCR_OK) return fail("prefill");
+    if (status != BCR_OK) return fail("prefill", status);
     auto prefilled = std::chrono::steady_clock::now();
 
     int32_t generated = 0;
-    if (bcr_session_generate(session, &options, on_token, &stream, &generated) != BCR_OK) return fail("generate");
+    status = bcr_session_generate(session, &options, on_token, &stream, &generated);
+    if (status != BCR_OK) return fail("generate", status);
     auto done = std::chrono::steady_clock::now();
     std::printf("\n");
 

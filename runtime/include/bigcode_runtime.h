@@ -9,17 +9,30 @@
  * on the first call in the process and drives ONNX Runtime (or TensorRT) exactly as the Python API does.
  *
  * Status and errors: every call that can fail returns a bcr_status; on failure, bcr_last_error() returns a
- * message for the calling thread (valid until that thread's next call into this library).
+ * message for the calling thread (valid until that thread's next call into this library). BCR_OK is 0 and every
+ * failure is non-zero. If the embedded Python runtime cannot start (a moved or broken virtual environment, a
+ * package that fails to import), every call that returns a bcr_status returns BCR_ERR_RUNTIME_UNAVAILABLE, for the
+ * life of the process (the start is tried once, on the first call); bcr_last_error() then says why on every
+ * thread, bcr_bundle_close and bcr_session_close do nothing, and bcr_version and bcr_sampling_options_default,
+ * which need no Python, still work. cffi prints the start's traceback on stderr as well.
  *
- * Ownership: handles are opaque. A bcr_bundle is owned by the caller from bcr_bundle_open until
- * bcr_bundle_close; a bcr_session from bcr_session_create until bcr_session_close, and must be closed before
- * its bundle. Strings passed in are copied; strings returned (bcr_last_error, bcr_version, the callback's text)
- * are owned by the library.
+ * Ownership: handles are opaque ids, never addresses: do not dereference them. A bcr_bundle is owned by the
+ * caller from bcr_bundle_open until bcr_bundle_close; a bcr_session from bcr_session_create until
+ * bcr_session_close, and should be closed before its bundle. A closed handle is never valid again: using it
+ * returns BCR_ERR_STATE, also after a newer bundle or session was created (no handle value is reused for another
+ * object). A session whose bundle was closed returns BCR_ERR_STATE from every call (its cache is freed with the
+ * bundle); bcr_session_close still releases it. Closing a NULL or closed handle does nothing. Strings passed in are
+ * copied; strings returned (bcr_last_error, bcr_version, the callback's text) are owned by the library.
  *
  * Threads: every function may be called from any thread. Calls hold Python's global interpreter lock while
  * they run Python code; ONNX Runtime releases it while it computes, so sessions on different threads overlap
  * their graph runs but not their Python work (sampling, bookkeeping). One session must not be used by two
- * threads at once, except bcr_session_cancel, which any thread may call at any time.
+ * threads at once, except bcr_session_cancel, which any thread may call at any time; a bundle must not be closed
+ * while a call on it or on one of its sessions is running.
+ *
+ * A failed call changes nothing: after any non-OK status (a bad argument, or the backend failing mid-step) the
+ * session holds exactly what it held before the call, except bcr_session_generate, which consumes the prefilled
+ * rows (prefill again after it, whatever its status).
  */
 #ifndef BIGCODE_RUNTIME_H
 #define BIGCODE_RUNTIME_H
@@ -38,8 +51,9 @@ typedef enum bcr_status {
     BCR_ERR_CONTEXT_OVERFLOW = 3,     /* prompt plus max_new_tokens beyond the model's context */
     BCR_ERR_BACKEND_UNAVAILABLE = 4,  /* e.g. backend "tensorrt" without TensorRT or a GPU */
     BCR_ERR_CANCELLED = 5,            /* bcr_session_cancel was called, or the callback returned non-zero */
-    BCR_ERR_STATE = 6,                /* a call out of order, e.g. generate before prefill */
-    BCR_ERR_INTERNAL = 7              /* a bug: the message carries the Python exception */
+    BCR_ERR_STATE = 6,                /* a call out of order (generate before prefill), a closed handle */
+    BCR_ERR_INTERNAL = 7,             /* a bug: the message carries the Python exception */
+    BCR_ERR_RUNTIME_UNAVAILABLE = 8   /* the embedded Python runtime could not start: see "Status and errors" */
 } bcr_status;
 
 typedef struct bcr_bundle bcr_bundle;
@@ -68,13 +82,15 @@ typedef int32_t (*bcr_token_callback)(void *user_data, int32_t row, int32_t toke
                                       int32_t finished);
 
 /* Library */
-const char *bcr_version(void);
-const char *bcr_last_error(void);
+const char *bcr_version(void);     /* never NULL */
+const char *bcr_last_error(void);  /* never NULL; "" after a call that succeeded */
 void bcr_sampling_options_default(bcr_sampling_options *options); /* greedy, 32 tokens, eos stops */
 
 /* Bundles */
 bcr_status bcr_bundle_open(const char *path, const bcr_open_options *options, bcr_bundle **out);
-/* A JSON object: task, dtype, target, vocab_size, n_positions, has_tokenizer, and parity.json when present.
+/* A JSON object: task, dtype, target, vocab_size, n_positions, has_tokenizer, backend, and parity: {"status":
+ * "ok" | "failed" | "none", "reason", and the report's summary fields}; "none" (with the reason) when parity.json
+ * is missing, unreadable, or was written for another graph (its graph_sha256 differs from the manifest's).
  * Writes at most capacity bytes including the terminating NUL; *needed (if not NULL) gets the full size. */
 bcr_status bcr_bundle_info(bcr_bundle *bundle, char *buffer, size_t capacity, size_t *needed);
 void bcr_bundle_close(bcr_bundle *bundle);

@@ -1,5 +1,8 @@
 /* Exercises the C ABI's error paths and a session loop; prints one "CHECK name status message" line per check
- * and "RSS before after" (kB) around 100 sessions. Driven by tests/capi/test_capi.py. */
+ * and "RSS before after" (kB) around 100 sessions. Driven by tests/capi/test_capi.py.
+ *   capi_checks BUNDLE          every check
+ *   capi_checks BUNDLE info     only "INFO <json>" (bcr_bundle_info)
+ *   capi_checks BUNDLE start    every entry point once, for a process whose embedded runtime cannot start */
 #include <bigcode_runtime.h>
 
 #include <stdio.h>
@@ -25,9 +28,50 @@ static int32_t stop_after_two(void *user_data, int32_t row, int32_t token, const
     return ++*count >= 2;
 }
 
+static int info_only(const char *path) {
+    bcr_bundle *bundle = NULL;
+    char info[4096];
+    report("open", bcr_bundle_open(path, NULL, &bundle));
+    report("info", bcr_bundle_info(bundle, info, sizeof info, NULL));
+    printf("INFO %s\n", info);
+    bcr_bundle_close(bundle);
+    return 0;
+}
+
+/* Every entry point once; with a runtime that cannot start each must fail (non-zero) and say why. */
+static int start_failure(const char *path) {
+    bcr_sampling_options options;
+    memset(&options, 0xff, sizeof options);
+    bcr_sampling_options_default(&options);
+    printf("DEFAULTS %d %g %d\n", options.max_new_tokens, options.top_p, options.num_stop_token_ids);
+    printf("VERSION %s\n", bcr_version());
+    bcr_bundle *bundle = NULL;
+    bcr_session *session = NULL;
+    char info[256];
+    int32_t prompt[] = {1, 2, 3}, lengths[] = {3}, generated = -1, rows = -1, vocab = -1;
+    const int32_t *prompts[] = {prompt};
+    float logits[4];
+    report("open", bcr_bundle_open(path, NULL, &bundle));
+    report("info", bcr_bundle_info(bundle, info, sizeof info, NULL));
+    report("session_create", bcr_session_create(bundle, &session));
+    report("prefill_ids", bcr_session_prefill_ids(session, prompts, lengths, 1));
+    report("prefill_text", bcr_session_prefill_text(session, "def f():"));
+    report("generate", bcr_session_generate(session, &options, NULL, NULL, &generated));
+    report("step", bcr_session_step(session, prompt, 1));
+    report("last_logits", bcr_session_last_logits(session, logits, 4, &rows, &vocab));
+    report("cancel", bcr_session_cancel(session));
+    bcr_session_close(session);
+    bcr_bundle_close(bundle);
+    const char *error = bcr_last_error();
+    printf("LAST_ERROR %s\n", error != NULL ? error : "(NULL)");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) return 2;
     const char *path = argv[1];
+    if (argc > 2 && strcmp(argv[2], "info") == 0) return info_only(path);
+    if (argc > 2 && strcmp(argv[2], "start") == 0) return start_failure(path);
     bcr_bundle *bundle = NULL;
     bcr_session *session = NULL;
 
@@ -61,6 +105,13 @@ int main(int argc, char **argv) {
     float *logits = malloc(sizeof(float) * (size_t)vocab);
     report("logits", bcr_session_last_logits(session, logits, (size_t)vocab, &n_rows, &vocab));
     printf("LOGITS %d %d %f\n", n_rows, vocab, logits[0]);
+    int32_t wrong_count[] = {1, 2};
+    report("step_wrong_count", bcr_session_step(session, wrong_count, 2));
+    int32_t bad_token[] = {999999};
+    report("step_out_of_vocab", bcr_session_step(session, bad_token, 1));
+    float first = logits[0];
+    report("logits_after_failed_steps", bcr_session_last_logits(session, logits, (size_t)vocab, &n_rows, &vocab));
+    printf("UNCHANGED %d\n", n_rows == 1 && logits[0] == first);
     free(logits);
     bcr_sampling_options options;
     bcr_sampling_options_default(&options);
@@ -73,6 +124,32 @@ int main(int argc, char **argv) {
     report("cancel_by_callback", bcr_session_generate(session, &options, stop_after_two, &count, NULL));
     bcr_session_close(session);
     report("use_after_close", bcr_session_prefill_ids(session, rows, lengths, 1));
+
+    /* A closed handle must never reach a newer session, even one created right after it (the allocator's
+     * favourite moment to hand out the same address again). */
+    bcr_session *stale = NULL, *newer = NULL;
+    report("create_a", bcr_session_create(bundle, &stale));
+    bcr_session_close(stale);
+    report("create_after_close", bcr_session_create(bundle, &newer));
+    printf("HANDLES_DIFFER %d\n", newer != stale);
+    report("stale_prefill", bcr_session_prefill_ids(stale, rows, lengths, 1));
+    report("stale_cancel", bcr_session_cancel(stale));
+    bcr_session_close(stale); /* a no-op: must not close the newer session */
+    report("newer_prefill", bcr_session_prefill_ids(newer, rows, lengths, 1));
+    report("newer_step", bcr_session_step(newer, prompt, 1));
+    report("bundle_as_session", bcr_session_cancel((bcr_session *)bundle));
+    bcr_session_close(newer);
+    int reused = 0, reached = 0;
+    for (int i = 0; i < 20; i++) {
+        bcr_session *a = NULL, *b = NULL;
+        if (bcr_session_create(bundle, &a) != BCR_OK) return 1;
+        bcr_session_close(a);
+        if (bcr_session_create(bundle, &b) != BCR_OK) return 1;
+        reused += a == b;
+        reached += bcr_session_cancel(a) != BCR_ERR_STATE;
+        bcr_session_close(b);
+    }
+    printf("STALE_ROUNDS reused=%d reached=%d\n", reused, reached);
 
     long before = 0;
     for (int i = 0; i < 100; i++) {
@@ -87,6 +164,20 @@ int main(int argc, char **argv) {
         bcr_session_close(s);
     }
     printf("RSS %ld %ld\n", before, rss_kb());
+
+    /* A session outliving its bundle: every call is STATE, and neither close crashes. */
+    bcr_session *orphan = NULL;
+    report("orphan_create", bcr_session_create(bundle, &orphan));
+    report("orphan_prefill", bcr_session_prefill_ids(orphan, rows, lengths, 1));
+    bcr_bundle_close(bundle);
+    report("orphan_prefill_after_bundle_close", bcr_session_prefill_ids(orphan, rows, lengths, 1));
+    report("orphan_generate_after_bundle_close", bcr_session_generate(orphan, &options, NULL, NULL, NULL));
+    report("orphan_step_after_bundle_close", bcr_session_step(orphan, prompt, 1));
+    report("info_after_bundle_close", bcr_bundle_info(bundle, info, sizeof info, &needed));
+    bcr_session *none = NULL;
+    report("create_after_bundle_close", bcr_session_create(bundle, &none));
+    bcr_session_close(orphan);
+    report("orphan_after_close", bcr_session_cancel(orphan));
     bcr_bundle_close(bundle);
     return 0;
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 from bigcode_deploy.exporter.export import export_bundle
 from bigcode_deploy.runtime.api import open_generator
 from bigcode_deploy.runtime.progress import quiet
+from bigcode_deploy.runtime.verify import verify_bundle
+from bigcode_deploy.runtime.version import __version__
 
 ROOT = Path(__file__).resolve().parents[2]
 STATUS = {
@@ -22,7 +25,33 @@ STATUS = {
     "BACKEND_UNAVAILABLE": 4,
     "CANCELLED": 5,
     "STATE": 6,
+    "INTERNAL": 7,
+    "RUNTIME_UNAVAILABLE": 8,
 }
+
+
+def checks_output(stdout: str) -> dict[str, tuple[int, str]]:
+    """{check name: (status, message)} from capi_checks' "CHECK name status message" lines."""
+    got = {}
+    for line in stdout.splitlines():
+        if line.startswith("CHECK "):
+            _, name, status, *message = line.split(" ")
+            got[name] = (int(status), " ".join(message))
+    return got
+
+
+def value(stdout: str, key: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith(key + " "))[len(key) + 1 :]
+
+
+@pytest.fixture(scope="module")
+def broken_install(tmp_path_factory):
+    """An environment whose embedded runtime cannot start: a `bigcode_deploy` that raises on import, first on the
+    path (as a moved virtual environment or a broken install would fail to import it)."""
+    fake = tmp_path_factory.mktemp("broken") / "bigcode_deploy"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise ImportError("deliberately broken install")\n')
+    return {**os.environ, "BIGCODE_RUNTIME_PYTHONPATH": str(fake.parent)}
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +103,7 @@ def test_error_paths_return_documented_codes_and_messages(built):
     config = json.loads((bundle / "manifest.json").read_text())["config"]
     result = subprocess.run([str(checks), str(bundle)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    got = {}
-    for line in result.stdout.splitlines():
-        if line.startswith("CHECK "):
-            _, name, status, *message = line.split(" ")
-            got[name] = (int(status), " ".join(message))
+    got = checks_output(result.stdout)
     expected = {
         "open_missing": ("BAD_BUNDLE", "manifest.json is missing"),
         "open_null_path": ("INVALID_ARGUMENT", "path is NULL"),
@@ -92,13 +117,96 @@ def test_error_paths_return_documented_codes_and_messages(built):
         "logits": ("OK", ""),
         "context_overflow": ("CONTEXT_OVERFLOW", f"exceed the model's context of {config['n_positions']} positions"),
         "cancel_by_callback": ("CANCELLED", "cancelled by the token callback"),
+        "step_wrong_count": ("INVALID_ARGUMENT", "one token per active row (1), got 2"),
+        "step_out_of_vocab": ("INVALID_ARGUMENT", "token id 999999 is outside the vocabulary"),
+        "logits_after_failed_steps": ("OK", ""),
         "use_after_close": ("STATE", "not an open handle"),
+        # A closed session's handle never reaches the session created after it (which reused its slot).
+        "create_a": ("OK", ""),
+        "create_after_close": ("OK", ""),
+        "stale_prefill": ("STATE", "not an open handle"),
+        "stale_cancel": ("STATE", "not an open handle"),
+        "newer_prefill": ("OK", ""),
+        "newer_step": ("OK", ""),
+        "bundle_as_session": ("STATE", "not an open handle"),
+        # A session used after its bundle was closed.
+        "orphan_create": ("OK", ""),
+        "orphan_prefill": ("OK", ""),
+        "orphan_prefill_after_bundle_close": ("STATE", "the session's bundle was closed"),
+        "orphan_generate_after_bundle_close": ("STATE", "the session's bundle was closed"),
+        "orphan_step_after_bundle_close": ("STATE", "the session's bundle was closed"),
+        "info_after_bundle_close": ("STATE", "not an open handle"),
+        "create_after_bundle_close": ("STATE", "not an open handle"),
+        "orphan_after_close": ("STATE", "not an open handle"),
     }
     for name, (status, message) in expected.items():
         assert got[name][0] == STATUS[status], (name, got[name])
         assert message in got[name][1], (name, got[name])
-    info = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("INFO "))[5:])
+    assert set(got) == set(expected) | {"info", "session", "prefill", "prefill_again"}, sorted(got)
+    assert value(result.stdout, "HANDLES_DIFFER") == "1"
+    assert value(result.stdout, "STALE_ROUNDS") == "reused=0 reached=0"  # 20 more rounds of close A, create B
+    assert value(result.stdout, "UNCHANGED") == "1"  # the failed steps left the last logits as they were
+    info = json.loads(value(result.stdout, "INFO"))
     assert info["task"] == "causal-lm" and info["vocab_size"] == config["vocab_size"] and info["backend"] == "ort"
+
+
+def test_every_entry_point_fails_when_the_runtime_cannot_start(built, broken_install):
+    _, bundle, checks, _ = built
+    result = subprocess.run(
+        [str(checks), str(bundle), "start"], capture_output=True, text=True, timeout=300, env=broken_install
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    got = checks_output(result.stdout)
+    names = ["open", "info", "session_create", "prefill_ids", "prefill_text", "generate", "step", "last_logits"]
+    assert sorted(got) == sorted([*names, "cancel"])
+    why = "the embedded Python runtime did not start: ImportError: deliberately broken install"
+    for name, (status, message) in got.items():
+        assert status == STATUS["RUNTIME_UNAVAILABLE"], (name, status, message)
+        assert why in message, (name, message)
+    assert why in value(result.stdout, "LAST_ERROR")
+    # The two functions that need no Python still work.
+    assert value(result.stdout, "DEFAULTS") == "32 1 0"
+    assert value(result.stdout, "VERSION") == __version__
+    assert "deliberately broken install" in result.stderr  # cffi's traceback
+
+
+def test_cpp_example_exits_nonzero_when_the_runtime_cannot_start(built, broken_install):
+    _, bundle, _, example = built
+    if example is None:
+        pytest.skip("cmake is not installed: the C++ example cannot be built here")
+    result = subprocess.run(
+        [str(example), str(bundle), "--ids", "5,6,7", "--max-new-tokens", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=broken_install,
+    )
+    assert result.returncode != 0
+    assert "error: opening the bundle (status 8): the embedded Python runtime did not start" in result.stderr
+    assert result.stdout == ""
+
+
+def test_info_reports_parity_only_when_bound_to_the_graph(built, tmp_path):
+    _, bundle, checks, _ = built
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+
+    def parity() -> dict:
+        result = subprocess.run([str(checks), str(copy), "info"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and checks_output(result.stdout)["info"][0] == 0, result.stdout + result.stderr
+        return json.loads(value(result.stdout, "INFO"))["parity"]
+
+    (copy / "parity.json").unlink(missing_ok=True)
+    assert parity()["status"] == "none"
+    assert verify_bundle(copy).ok
+    assert parity()["status"] == "ok" and parity()["reference"] == "stored"
+    report = json.loads((copy / "parity.json").read_text())
+    report["graph_sha256"] = "0" * 64  # the same verdict, bound to another graph
+    (copy / "parity.json").write_text(json.dumps(report))
+    summary = parity()
+    assert summary["status"] == "none" and "another graph" in summary["reason"] and "ok" not in summary
+    assert verify_bundle(copy).ok
+    assert parity()["status"] == "ok"
 
 
 def test_hundred_sessions_do_not_grow_memory(built):

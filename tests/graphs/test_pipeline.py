@@ -40,8 +40,9 @@ def test_passes_that_did_not_fire_record_their_reason():
 
 
 def test_ort_records_one_pass_per_fusion_or_one_reason():
-    records = run_passes(tanh_gelu_model(), "ort")
-    assert records[-1] == PassRecord(f"{ort_fusions.NAME}.gelu", 1)
+    records = [r for r in run_passes(tanh_gelu_model(), "ort") if r.name.startswith(ort_fusions.NAME)]
+    assert PassRecord(f"{ort_fusions.NAME}.gelu", 1) in records
+    assert all(r.reason and "found no match" in r.reason for r in records if r.count == 0) and len(records) > 1
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", FLOAT, [2])], [("y", FLOAT, [2])])
     last = run_passes(model, "ort")[-1]
     assert last.name == "ort_fusions" and last.count == 0 and last.reason.startswith("none of onnxscript's ORT")

@@ -137,6 +137,9 @@ def test_other_steps_need_a_live_reference(shipped):
     assert result.exit_code == 2 and "pass --model MODEL_DIR too" in result.output
     result = CliRunner().invoke(main, ["verify", str(shipped["fp32"]), "--model", "/nonexistent/ckpt"])
     assert result.exit_code == 2 and "/nonexistent/ckpt does not exist" in result.output
+    for steps in ("0", "-1"):  # a verdict needs evidence: no decode step is refused, not passed
+        result = CliRunner().invoke(main, ["verify", str(shipped["fp32"]), "--model", "/x", "--steps", steps])
+        assert result.exit_code == 2 and "needs at least 1 cached decode step" in result.output
 
 
 def test_the_verdict_needs_evidence_and_finite_values(shipped):
@@ -159,3 +162,50 @@ def test_the_verdict_needs_evidence_and_finite_values(shipped):
     with pytest.raises(ParityError, match="the candidate ran 1 step"):
         candidate.steps = candidate.steps[:1]
         judge(reference, candidate, bundle.manifest, "short")
+
+
+def test_parity_is_reported_only_while_bound_to_the_graph(shipped, tmp_path):
+    from bigcode_deploy.runtime.inspect import describe
+    from bigcode_deploy.runtime.parity_record import parity_summary
+
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(shipped["fp32"], bundle_dir)
+    (bundle_dir / "parity.json").unlink(missing_ok=True)
+    assert "parity      none (no parity.json" in describe(str(bundle_dir))
+    verify_bundle(bundle_dir)
+    assert parity_summary(Bundle.open(bundle_dir))["status"] == "ok"
+    assert "parity      ok on ort against the stored reference" in describe(str(bundle_dir))
+    # The graph changes (re-hashed, so the bundle still opens): the old report no longer speaks for it.
+    changed = tampered_copy(bundle_dir, tmp_path / "changed", lambda a: a * 1.0001)
+    summary = parity_summary(Bundle.open(changed))
+    assert summary["status"] == "none" and "another graph" in summary["reason"]
+    report = json.loads((bundle_dir / "parity.json").read_text())
+    report["ok"] = "yes"
+    (bundle_dir / "parity.json").write_text(json.dumps(report))
+    assert parity_summary(Bundle.open(bundle_dir))["status"] == "none"
+
+
+def test_the_cli_verifies_against_stored_outputs_with_torch_unimportable(shipped):
+    """`bigcode-deploy verify BUNDLE` on a host without torch: a finder makes `import torch` fail."""
+    script = f"""
+import sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"{{name}} is not installed on this host")
+
+sys.meta_path.insert(0, NoTorch())
+from bigcode_deploy.cli import main
+main(["verify", {str(shipped["fp32"])!r}])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "parity ok: ort vs stored fp32 reference" in result.stdout
+
+
+def test_usage_errors_are_one_line(shipped):
+    for command in (["optimize", str(shipped["fp32"]), "x", "--target", "bogus"], ["generate", str(shipped["fp32"])]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 2 and result.output.startswith("error: "), result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output

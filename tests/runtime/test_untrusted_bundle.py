@@ -1,0 +1,117 @@
+"""A shipped bundle is untrusted input: edits to its manifest or reference file are refused in one line, and no
+edit makes verify say "ok" on evidence that cannot judge (found by trying the change as an attacker would)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import load_file, save_file
+
+from bigcode_deploy.cli import main
+from bigcode_deploy.exporter.export import export_bundle
+from bigcode_deploy.runtime.hashing import sha256_file
+from bigcode_deploy.runtime.manifest import MANIFEST_FILE, REFERENCE_FILE
+from tests.helpers import make_hf_model
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("untrusted")
+    make_hf_model("causal-lm", seed=5).save_pretrained(root / "ckpt")
+    return export_bundle(root / "ckpt", root / "b", check=False, progress=lambda m: None)
+
+
+def edited(bundle, dest, manifest_edit=None, reference_edit=None):
+    """A copy with the manifest and/or the reference tensors edited, every sha256 updated to match."""
+    shutil.copytree(bundle, dest)
+    manifest = json.loads((dest / MANIFEST_FILE).read_text())
+    if reference_edit is not None:
+        tensors = load_file(str(dest / REFERENCE_FILE))
+        reference_edit(tensors)
+        save_file(tensors, str(dest / REFERENCE_FILE))
+        manifest["reference"]["sha256"] = sha256_file(dest / REFERENCE_FILE)
+    if manifest_edit is not None:
+        manifest_edit(manifest)
+    (dest / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return dest
+
+
+def nan_at_first(name):
+    def edit(tensors):
+        tensors[name] = tensors[name].copy()
+        tensors[name].flat[0] = np.nan
+
+    return edit
+
+
+def set_key(path, value):
+    def edit(manifest):
+        target = manifest
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return edit
+
+
+CASES = {
+    "nan-in-reference-logits": (None, nan_at_first("step0.main"), "non-finite"),
+    "nan-in-present-stats": (None, nan_at_first("step2.present_stats"), "present statistics"),
+    "present-stats-removed": (None, lambda t: [t.pop(k) for k in list(t) if k.endswith("present_stats")], "present"),
+    "fewer-steps-than-the-file": (set_key(["reference", "steps"], 0), None, "more steps"),
+    "reference-steps-a-string": (set_key(["reference", "steps"], "4"), None, "reference.steps"),
+    "reference-file-null": (set_key(["reference", "file"], None), None, "reference.file"),
+    "reference-dtype-fp16": (set_key(["reference", "dtype"], "fp16"), None, "reference.dtype"),
+    "token-outside-vocabulary": (None, lambda t: t["tokens"].__setitem__((0, 0), 10**6), "step tokens"),
+    "fake-quantization-claim": (set_key(["quantization"], {"scheme": "int8"}), None, "no MatMulNBits node"),
+    "tokenizer-outside-the-bundle": (set_key(["tokenizer"], "../../tokenizer.json"), None, "tokenizer"),
+    "dtype-a-list": (set_key(["dtype"], ["fp32"]), None, "dtype"),
+    "inputs-emptied": (set_key(["inputs"], []), None, "inputs do not match"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_an_edited_bundle_is_refused_in_one_line(bundle, tmp_path, case):
+    manifest_edit, reference_edit, message = CASES[case]
+    bad = edited(bundle, tmp_path / "bad", manifest_edit, reference_edit)
+    result = CliRunner().invoke(main, ["verify", str(bad)])
+    assert result.exit_code == 2, result.output
+    assert "parity ok" not in result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_garbage_reference_file_with_a_matching_hash_is_one_line(bundle, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    (bad / REFERENCE_FILE).write_bytes(b"\x07not safetensors")
+    manifest = json.loads((bad / MANIFEST_FILE).read_text())
+    manifest["reference"]["sha256"] = sha256_file(bad / REFERENCE_FILE)
+    (bad / MANIFEST_FILE).write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["verify", str(bad)])
+    assert result.exit_code == 2 and "not a readable safetensors file" in result.output
+
+
+def test_a_graph_that_is_not_onnx_with_a_matching_hash_is_one_line(bundle, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    (bad / "model.onnx").write_bytes(b"garbage" * 100)
+    manifest = json.loads((bad / MANIFEST_FILE).read_text())
+    manifest["graph"]["sha256"]["model.onnx"] = sha256_file(bad / "model.onnx")
+    (bad / MANIFEST_FILE).write_text(json.dumps(manifest))
+    for command in (["verify", str(bad)], ["inspect", str(bad)], ["generate", str(bad), "--ids", "1,2"]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, (command, result.output)
+
+
+def test_non_finite_sampling_options_and_bench_sizes_are_one_line(bundle):
+    runner = CliRunner()
+    for option in (["--temperature", "nan"], ["--repetition-penalty", "inf"]):
+        result = runner.invoke(main, ["generate", str(bundle), "--ids", "1,2", *option])
+        assert result.exit_code == 2 and "must be a finite number" in result.output
+    for option in (["--new-tokens", "0"], ["--batch", "0"], ["--repeats", "0"]):
+        result = runner.invoke(main, ["bench", str(bundle), "--prompt-len", "4", *option])
+        assert result.exit_code == 2 and "must be an integer >=" in result.output, result.output
