@@ -56,6 +56,10 @@ class Generator:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise BigCodeError(f"{self.bundle.path} has no tokenizer.json: give token ids (--ids) instead of text")
+        try:
+            text.encode("utf-8")
+        except (AttributeError, UnicodeEncodeError):
+            raise BigCodeError("the prompt is not valid UTF-8 text; pass token ids with --ids instead") from None
         return self.tokenizer.encode(text).ids
 
     def generate(self, prompts: list[list[int]], stats: GenerationStats | None = None, **options) -> list[list[int]]:

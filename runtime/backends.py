@@ -20,6 +20,12 @@ from bigcode_deploy.runtime.bundle import Bundle
 from bigcode_deploy.runtime.errors import BackendUnavailable, BigCodeError, BundleError
 from bigcode_deploy.runtime.manifest import BACKENDS
 
+ORT_TYPES = {
+    "float32": "tensor(float)",
+    "float16": "tensor(float16)",
+    "bfloat16": "tensor(bfloat16)",
+    "int64": "tensor(int64)",
+}
 Cache = Any  # backend-native: list of OrtValue, or list of torch.Tensor
 
 
@@ -60,11 +66,30 @@ class OrtBackend:
             raise BundleError(
                 f"ONNX Runtime cannot load {self.bundle.graph_path}: {first}; re-export the bundle"
             ) from None
+        self._check_io()
         self._device = "cuda" if self.provider == "cuda" else "cpu"
         return self
 
     def __exit__(self, *exc) -> None:
         self.session = None
+
+    def _check_io(self) -> None:
+        """The graph's own I/O against the manifest: names in order, element types, ranks and static dims. A
+        manifest that does not describe its graph is refused here rather than misread later."""
+        manifest = self.bundle.manifest
+        for kind, found, expected in (
+            ("inputs", self.session.get_inputs(), manifest.inputs),
+            ("outputs", self.session.get_outputs(), manifest.outputs),
+        ):
+            if [f.name for f in found] != [e.name for e in expected]:
+                raise BundleError(f"{self.bundle.graph_path}'s {kind} are not the ones manifest.json names")
+            for f, e in zip(found, expected):
+                static = [(a, b) for a, b in zip(f.shape, e.shape) if isinstance(a, int) and isinstance(b, int)]
+                if f.type != ORT_TYPES.get(e.dtype) or len(f.shape) != len(e.shape) or any(a != b for a, b in static):
+                    raise BundleError(
+                        f"{self.bundle.graph_path}: {f.name} is {f.type} {f.shape} where manifest.json says "
+                        f"{e.dtype} {e.shape}; re-export the bundle"
+                    )
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self.bundle.output_names

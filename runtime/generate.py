@@ -45,6 +45,10 @@ class GenerationStats:
 
 def stop_ids(config: dict, options: GenerationOptions) -> set[int]:
     if options.stop_token_ids is not None:
+        vocab = config["vocab_size"]
+        bad = [t for t in options.stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise BigCodeError(f"stop token {bad[0]!r} is not a token id in [0, {vocab})")
         return set(options.stop_token_ids)
     eos = config.get("eos_token_id")
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])

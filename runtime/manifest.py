@@ -347,11 +347,28 @@ class Manifest:
             raise bad("config.multi_query", f"is {self.config.get('multi_query')!r}, not true or false")
         if self.config["n_embd"] % self.config["n_head"]:
             raise bad("config.n_embd", "is not divisible by config.n_head")
-        # The graph's I/O must be the contract's, by name and dtype (shapes may be lowered, e.g. last-token logits).
-        expected_in, expected_out = io_spec(self.config, self.task, self.dtype, self.kv_cache is not None)
+        # The graph's I/O must be the contract's: names, dtypes and shapes (last-token logits: sequence 1).
+        cache = self.kv_cache is not None
+        expected_in, expected_out = io_spec(self.config, self.task, self.dtype, cache)
+        if self.logits_positions == "last":
+            if self.task != "causal-lm":
+                raise bad("logits_positions", "is 'last' on a graph that is not causal-lm")
+            expected_out[0].shape[1] = 1
         for label, found, expected in (("inputs", self.inputs, expected_in), ("outputs", self.outputs, expected_out)):
-            if [(t.name, t.dtype) for t in found] != [(t.name, t.dtype) for t in expected]:
-                raise bad(label, f"do not match a {self.task} {self.dtype} graph's (names and dtypes, in order)")
+            if [(t.name, t.dtype, t.shape) for t in found] != [(t.name, t.dtype, t.shape) for t in expected]:
+                raise bad(label, f"do not match a {self.task} {self.dtype} graph's (names, dtypes, shapes, in order)")
+        if cache and dataclasses.asdict(self.kv_cache) != dataclasses.asdict(kv_cache_section(self.config, self.dtype)):
+            raise bad("kv_cache", "does not match the config (layers, heads, head_dim, dtype, shapes, name templates)")
+        expected_dims = dims(self.config, cache)
+        if not isinstance(self.dims, dict) or set(self.dims) != set(expected_dims):
+            raise bad("dims", f"must name exactly {', '.join(expected_dims)}")
+        for name, rng in self.dims.items():
+            if name == BATCH and isinstance(rng, dict) and rng.get("min") == 1:
+                batch_max = rng.get("max")
+                if batch_max is None or positive_int(batch_max):
+                    continue  # the batch range may be bounded by a target (tensorrt --max-batch)
+            if rng != expected_dims[name]:
+                raise bad(f"dims.{name}", f"is {rng!r}, not the config's {expected_dims[name]!r}")
         for name in self.graph.names:
             if not plain(name):
                 raise bad("graph", f"names {name!r}, which is not a plain file name inside the bundle")

@@ -100,6 +100,7 @@ class ParityReport:
     criterion: str  # "elementwise", "relative to torch <dtype>" or "quantized <scheme>"
     prompt_lengths: list[int]
     graph_sha256: dict[str, str]
+    reference_sha256: str | None = None  # the stored reference file judged against (None: a live reference)
     steps: list[StepResult] = field(default_factory=list)
     greedy_reference: list[list[int]] = field(default_factory=list)
     greedy_candidate: list[list[int]] = field(default_factory=list)
@@ -359,6 +360,7 @@ def judge(reference: ReferenceOutputs, candidate: TeacherForced, manifest: Manif
         criterion=description,
         prompt_lengths=[len(p) for p in reference.run.prompts],
         graph_sha256=dict(manifest.graph.sha256),
+        reference_sha256=manifest.reference.sha256 if reference.kind == "stored" and manifest.reference else None,
         quantized=quantized,
     )
     main_name = manifest.main_output

@@ -47,6 +47,19 @@ def parity_summary(bundle: Bundle) -> dict[str, Any]:
     reference = report.get("reference")
     if not isinstance(reference, str) or not (reference == "stored" or reference.startswith("live torch ")):
         return {"status": "none", "reason": f"{PARITY_FILE} names no known reference"}
+    stored = bundle.manifest.reference
+    if reference == "stored" and (stored is None or report.get("reference_sha256") != stored.sha256):
+        return {"status": "none", "reason": f"{PARITY_FILE} was judged against another stored reference"}
+    steps = report.get("steps")
+    outputs = [o for s in steps for o in s.get("outputs", [])] if isinstance(steps, list) else None
+    if not outputs or not all(isinstance(o, dict) for o in outputs):
+        return {"status": "none", "reason": f"{PARITY_FILE} holds no per-output results"}
+    if report.get("ok") is True and any(
+        o.get("nonfinite") or (o.get("ok") is not True and not report.get("quantized")) for o in outputs
+    ):
+        return {"status": "none", "reason": f"{PARITY_FILE} says ok over failed outputs (edited?)"}
+    if not all(isinstance(report.get(k), str) for k in ("backend", "criterion", "dtype")):
+        return {"status": "none", "reason": f"{PARITY_FILE} does not say what judged what"}
     if not isinstance(report.get("ok"), bool) or not isinstance(report.get("compared"), int):
         return {"status": "none", "reason": f"{PARITY_FILE} lacks a verdict"}
     ok = report["ok"] and report["compared"] > 0

@@ -34,6 +34,7 @@ from bigcode_deploy.runtime.manifest import Manifest, ReferenceRecord
 STEPS = 4  # cached decode steps after the prefill
 GREEDY_TOKENS = 8  # the reference's free-running greedy continuation, stored for the report
 STATS = ("mean", "mean_abs", "rms", "max_abs")
+MAX_ERROR_SHARE = 0.25  # a reduced-precision model's error to fp32, at most this share of the largest |output|
 
 Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # named arrays in, named arrays out
 
@@ -216,6 +217,19 @@ class ReferenceOutputs:
             raise BundleError(f"{path} (the stored reference outputs) is missing from the bundle; re-export it")
         if sha256_file(path) != record.sha256:
             raise BundleError(f"{path} does not match the sha256 in manifest.json; re-export the bundle")
+        config = bundle.manifest.config
+        recipe = reference_prompts(config["vocab_size"], config["n_positions"])
+        if len(record.prompts) != len(recipe) or any(len(p) > len(r) for p, r in zip(record.prompts, recipe)):
+            raise BundleError(f"{path}: the recorded prompts are not the recipe's (3 prompts, 12/6/1 tokens at most)")
+        cache_steps = bundle.manifest.kv_cache is not None and bundle.manifest.task == "causal-lm"
+        expected_steps = steps_that_fit(record.prompts, config["n_positions"], STEPS) if cache_steps else 0
+        if record.steps != expected_steps:
+            raise BundleError(
+                f"{path}: manifest.json records {record.steps} decode steps where the recipe runs {expected_steps}; "
+                "re-export the bundle"
+            )
+        if path.stat().st_size > _size_bound(bundle.manifest, record):
+            raise BundleError(f"{path} is larger than a reference of this model can be; re-export the bundle")
         try:
             t = load_file(str(path))
         except Exception as exc:  # safetensors raises its own SafetensorError for a bad header
@@ -237,6 +251,10 @@ class ReferenceOutputs:
             raise BundleError(f"{path} holds other prompts than manifest.json records; re-export the bundle")
         if f"step{record.steps + 1}.main" in t:
             raise BundleError(f"{path} holds more steps than manifest.json's reference.steps; re-export the bundle")
+        known = {"prompt_ids", "prompt_lengths", "tokens", "greedy", "main_error", "stats_error"}
+        known |= {f"step{i}.{k}" for i in range(record.steps + 1) for k in ("main", "last", "present_stats")}
+        if set(t) - known or len(flat) != sum(lengths) or t["prompt_lengths"].dtype.kind not in "iu":
+            raise BundleError(f"{path} holds other tensors than a reference file has; re-export the bundle")
         reference = cls(
             run=TeacherForced(prompts=prompts, tokens=t.get("tokens"), steps=steps),
             greedy=t["greedy"].tolist() if "greedy" in t else None,
@@ -272,15 +290,25 @@ class ReferenceOutputs:
         tokens = self.run.tokens
         if tokens is None or np.shape(tokens) != (n_steps, batch) or not ids_ok(tokens):
             raise fail(f"the step tokens are not ({n_steps}, {batch}) ids in the vocabulary")
-        if self.greedy is None or not all(ids_ok(np.asarray(row, dtype=np.int64)) for row in self.greedy):
-            raise fail("the greedy continuation is missing or holds ids outside the vocabulary")
+        greedy = np.asarray(self.greedy if self.greedy is not None else 0)
+        if self.greedy is None or (
+            greedy.size and (greedy.ndim != 2 or greedy.shape[0] != batch or not ids_ok(greedy))
+        ):
+            raise fail("the greedy continuation is not one row of ids in the vocabulary per prompt")
         width = manifest.output(manifest.main_output).shape[-1]
+        per_position = len(manifest.output(manifest.main_output).shape) == 3  # (B, T, width), not pooled (B, labels)
         for i, step in enumerate(self.run.steps):
             main = np.asarray(step.main)
             if main.ndim != 2 or (isinstance(width, int) and main.shape[1] != width) or main.shape[0] == 0:
                 raise fail(f"step {i}'s {manifest.main_output} has shape {main.shape}, not (positions, {width})")
-            if step.last.shape != (batch,) or step.last.min() < 0 or step.last.max() >= main.shape[0]:
-                raise fail(f"step {i}'s last-position index does not fit its outputs")
+            lengths = [len(p) for p in self.run.prompts] if i == 0 and per_position else [1] * batch
+            last = np.asarray(step.last)
+            if (
+                main.shape[0] != sum(lengths)
+                or last.dtype.kind not in "iu"
+                or not np.array_equal(last, np.cumsum(lengths) - 1)
+            ):
+                raise fail(f"step {i}'s rows or last-position index do not follow the prompts' real positions")
             if not np.isfinite(main).all():
                 raise fail(
                     f"step {i}'s {manifest.main_output} holds {int((~np.isfinite(main)).sum())} non-finite values"
@@ -297,3 +325,23 @@ class ReferenceOutputs:
                 raise fail(f"the torch {manifest.dtype} present-statistics error terms are missing or misshapen")
             if any(not np.isfinite(e).all() or (e < 0).any() for e in errors):
                 raise fail(f"the torch {manifest.dtype} error terms are not finite non-negative numbers")
+            # The relative criterion scales from these: they must be small next to what they describe, or a broken
+            # reference with huge error terms would pass anything. fp16/bf16 measure 0.2-5% of the largest logit.
+            scale = [np.abs(s.main).max() for s in self.run.steps]
+            if any(e[0] > MAX_ERROR_SHARE * m for e, m in zip(self.main_error, scale)):
+                raise fail(
+                    f"the torch {manifest.dtype} error terms exceed {MAX_ERROR_SHARE:g} of the logits' magnitude"
+                )
+
+
+def _size_bound(manifest: Manifest, record) -> int:
+    """The most bytes a stored reference of this bundle can take (the recipe's prompts and steps, fp32 main
+    outputs, float64 statistics and error terms, int64 ids), with room for the safetensors header."""
+    width = manifest.output(manifest.main_output).shape[-1]
+    width = width if isinstance(width, int) else manifest.config["n_embd"]
+    batch, steps = len(record.prompts), record.steps
+    rows = sum(len(p) for p in record.prompts) + steps * batch
+    layers = manifest.kv_cache.num_layers if manifest.kv_cache else 0
+    floats = 4 * rows * width + 8 * (steps + 1) * (2 + 2 * layers * 2 * len(STATS))
+    ints = 8 * (rows + batch * (steps + 2 + GREEDY_TOKENS))
+    return floats + ints + 64 * 1024

@@ -118,7 +118,8 @@ class DecodingSession:
         keep = np.asarray(keep)
         if keep.ndim != 1 or keep.shape[0] != len(self.rows):
             raise BigCodeError(f"keep_rows takes one flag per active row ({len(self.rows)}), got shape {keep.shape}")
-        keep = keep.astype(bool)
+        if keep.dtype != bool:  # "False" or nan would read as True: only real booleans say which rows stay
+            raise BigCodeError(f"keep_rows takes booleans, got {keep.dtype}")
         if keep.all():
             return
         if not keep.any():

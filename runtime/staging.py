@@ -102,7 +102,8 @@ def remove_stale(parent: Path) -> list[Path]:
 
 
 def refuse_input(out_dir: str | Path, inputs: Iterable[str | Path | None]) -> None:
-    """Raise BigCodeError when out_dir is, or contains, one of the command's inputs (resolved paths)."""
+    """Raise BigCodeError when out_dir is, contains, or lies inside one of the command's inputs (resolved paths):
+    writing inside the input would change it, and --force there would delete one of its files."""
     out = Path(out_dir).resolve()
     for item in inputs:
         if item is None or str(item) == "":
@@ -114,6 +115,8 @@ def refuse_input(out_dir: str | Path, inputs: Iterable[str | Path | None]) -> No
             raise BigCodeError(
                 f"OUT_DIR {out_dir} contains the command's own input {item}; choose an OUT_DIR outside it"
             )
+        if source in out.parents:
+            raise BigCodeError(f"OUT_DIR {out_dir} lies inside the command's own input {item}; choose one outside it")
 
 
 def refuse_existing(out_dir: str | Path, force: bool, inputs: Iterable[str | Path | None] = ()) -> None:
@@ -122,10 +125,15 @@ def refuse_existing(out_dir: str | Path, force: bool, inputs: Iterable[str | Pat
     refuse_input(out_dir, inputs)
     if os.path.lexists(out_dir) and not force:
         raise BigCodeError(f"{out_dir} already exists; choose another OUT_DIR or pass --force to replace it")
-    out = Path(out_dir)
+    refuse_non_bundle(Path(out_dir), force)
+
+
+def refuse_non_bundle(out: Path, force: bool) -> None:
+    """--force replaces bundles only: never a non-empty directory without manifest.json (checked again just before
+    publishing, for a directory that appeared while the command ran)."""
     if force and out.is_dir() and not out.is_symlink() and any(out.iterdir()) and not (out / "manifest.json").exists():
         raise BigCodeError(
-            f"{out_dir} is a directory that is not a bundle (no manifest.json): --force replaces bundles only; "
+            f"{out} is a directory that is not a bundle (no manifest.json): --force replaces bundles only; "
             "choose another OUT_DIR"
         )
 
@@ -202,6 +210,7 @@ def publish(staging: Path, out_dir: Path, force: bool) -> None:
                     f"{out_dir} already exists (another command created it while this one ran); choose another "
                     "OUT_DIR or pass --force to replace it"
                 ) from None
+        refuse_non_bundle(out_dir, force)
         try:
             _replace(staging, out_dir)
             return

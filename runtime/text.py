@@ -21,7 +21,7 @@ def load_tokenizer(bundle: Bundle):
 
 def parse_ids(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        return [int(t) for t in text.strip().rstrip(",").split(",")] if text.strip() else []
     except ValueError:
         raise BigCodeError(f"--ids {text!r} is not a comma-separated list of integers") from None
 

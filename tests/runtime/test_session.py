@@ -167,3 +167,13 @@ def test_keep_rows_validates_and_rolls_back(backend):
     assert_unchanged(s, before)
     s.keep_rows(np.array([True, False, True]))
     assert s.rows.tolist() == [0, 2] and s.attention_mask.shape[0] == 2 and s.next_position.tolist() == [4, 1]
+
+
+def test_keep_rows_takes_booleans_only(backend):
+    s = DecodingSession(backend, backend.bundle)
+    s.prefill(PROMPTS)
+    before = snapshot(s)
+    for keep in (["False", "False", "yes"], [np.nan, 0.0, 0.0], [1, 0, 1]):
+        with pytest.raises(BigCodeError, match="keep_rows takes booleans"):
+            s.keep_rows(np.array(keep))
+        assert_unchanged(s, before)

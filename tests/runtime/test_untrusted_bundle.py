@@ -62,7 +62,7 @@ CASES = {
     "nan-in-reference-logits": (None, nan_at_first("step0.main"), "non-finite"),
     "nan-in-present-stats": (None, nan_at_first("step2.present_stats"), "present statistics"),
     "present-stats-removed": (None, lambda t: [t.pop(k) for k in list(t) if k.endswith("present_stats")], "present"),
-    "fewer-steps-than-the-file": (set_key(["reference", "steps"], 0), None, "more steps"),
+    "fewer-steps-than-the-file": (set_key(["reference", "steps"], 0), None, "where the recipe runs 4"),
     "reference-steps-a-string": (set_key(["reference", "steps"], "4"), None, "reference.steps"),
     "reference-file-null": (set_key(["reference", "file"], None), None, "reference.file"),
     "reference-dtype-fp16": (set_key(["reference", "dtype"], "fp16"), None, "reference.dtype"),
@@ -115,3 +115,84 @@ def test_non_finite_sampling_options_and_bench_sizes_are_one_line(bundle):
     for option in (["--new-tokens", "0"], ["--batch", "0"], ["--repeats", "0"]):
         result = runner.invoke(main, ["bench", str(bundle), "--prompt-len", "4", *option])
         assert result.exit_code == 2 and "must be an integer >=" in result.output, result.output
+
+
+def scale_errors(tensors):
+    tensors["main_error"] = np.full_like(tensors["main_error"], 1e30)
+
+
+def pad_rows_as_last(tensors):
+    tensors["step0.last"] = np.zeros_like(tensors["step0.last"])
+
+
+def extra_tensor(tensors):
+    tensors["something_else"] = np.zeros(3, dtype=np.float32)
+
+
+def float_last(tensors):
+    tensors["step0.last"] = tensors["step0.last"].astype(np.float64)
+
+
+MORE_CASES = {  # found by a second attack review
+    "logits-positions-last-on-a-full-graph": (set_key(["logits_positions"], "last"), None, "outputs do not match"),
+    "vocab-size-edited": (set_key(["config", "vocab_size"], 10**6), None, "do not match"),
+    "multi-query-flipped": (set_key(["config", "multi_query"], False), None, "do not match"),
+    "kv-sequence-axis": (set_key(["kv_cache", "sequence_axis"], 2), None, "kv_cache does not match"),
+    "kv-template": (set_key(["kv_cache", "present_output"], "present.{lay}.key_value"), None, "kv_cache"),
+    "kv-dtype": (set_key(["kv_cache", "dtype"], "bogus"), None, "kv_cache"),
+    "dims-edited": (set_key(["dims", "sequence"], {"min": 1, "max": 2}), None, "dims.sequence"),
+    "output-shape-scalar": (set_key(["outputs", 0, "shape"], []), None, "outputs do not match"),
+    "wrong-last-rows": (None, pad_rows_as_last, "last-position index"),
+    "float-last-index": (None, float_last, "last-position index"),
+    "unknown-tensor": (None, extra_tensor, "other tensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MORE_CASES))
+def test_more_edits_are_refused_in_one_line(bundle, tmp_path, case):
+    manifest_edit, reference_edit, message = MORE_CASES[case]
+    bad = edited(bundle, tmp_path / "bad", manifest_edit, reference_edit)
+    result = CliRunner().invoke(main, ["verify", str(bad)])
+    assert result.exit_code == 2 and "parity ok" not in result.output, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_huge_torch_error_terms_cannot_make_a_zero_reference_pass(tmp_path):
+    make_hf_model("causal-lm", seed=6).save_pretrained(tmp_path / "ckpt")
+    fp16 = export_bundle(tmp_path / "ckpt", tmp_path / "b16", dtype="fp16", check=False, progress=lambda m: None)
+
+    def zero_reference_huge_errors(tensors):
+        scale_errors(tensors)
+        for key in tensors:
+            if key.endswith(".main"):
+                tensors[key] = np.zeros_like(tensors[key])
+
+    bad = edited(fp16, tmp_path / "bad", None, zero_reference_huge_errors)
+    result = CliRunner().invoke(main, ["verify", str(bad)])
+    assert result.exit_code == 2 and "exceed 0.25 of the logits' magnitude" in result.output, result.output
+
+
+def test_an_oversized_reference_file_is_refused_before_loading(bundle, tmp_path):
+    def pad(tensors):
+        tensors["step0.main"] = np.concatenate([tensors["step0.main"]] * 200)
+
+    bad = edited(bundle, tmp_path / "bad", None, pad)
+    result = CliRunner().invoke(main, ["verify", str(bad)])
+    assert result.exit_code == 2 and "larger than a reference of this model can be" in result.output
+
+
+def test_force_never_writes_inside_the_input(bundle, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(bundle, src)
+    result = CliRunner().invoke(
+        main, ["optimize", str(src), str(src / "model.onnx"), "--target", "portable", "--force"]
+    )
+    assert result.exit_code == 2 and "lies inside the command's own input" in result.output
+    assert (src / "model.onnx").is_file()
+
+
+def test_ids_and_stop_tokens_are_checked(bundle):
+    runner = CliRunner()
+    for option in (["--ids", "1,,2"], ["--ids", "1", "--stop-token", "-5"], ["--ids", "1", "--stop-token", "99999"]):
+        result = runner.invoke(main, ["generate", str(bundle), *option])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
