@@ -1,5 +1,5 @@
 """The export-time check: onnx.checker (full, with shape inference), then ONNX Runtime against the stored torch
-reference outputs, judged by the one verdict (bigcode_deploy.runtime.parity.judge) that optimize and verify use."""
+reference outputs: `verify BUNDLE` itself (runtime.verify), so export, optimize and verify judge alike."""
 
 from __future__ import annotations
 
@@ -7,26 +7,22 @@ from pathlib import Path
 
 import onnx
 
-from bigcode_deploy.runtime.backends import OrtBackend
-from bigcode_deploy.runtime.bundle import Bundle
 from bigcode_deploy.runtime.errors import BigCodeError
+from bigcode_deploy.runtime.manifest import Manifest
 from bigcode_deploy.runtime.parity import ParityReport
-from bigcode_deploy.runtime.reference import ReferenceOutputs
-from bigcode_deploy.runtime.verify import verify_against
+from bigcode_deploy.runtime.verify import verify_bundle
 
 
 def check_bundle(bundle_dir: Path) -> ParityReport:
     """Raises BigCodeError when onnx.checker rejects the graph, ParityError when ONNX Runtime disagrees with the
     reference (the message names the step and the output, the layer for presents). Returns the report."""
-    bundle = Bundle.open(bundle_dir)
+    manifest = Manifest.read(bundle_dir)
     try:
-        onnx.checker.check_model(str(bundle.graph_path), full_check=True)
+        onnx.checker.check_model(str(Path(bundle_dir) / manifest.graph.file), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise BigCodeError(f"onnx.checker rejected the exported graph: {exc}") from None
-    if bundle.manifest.dtype == "bf16":
+    if manifest.dtype == "bf16":
         raise BigCodeError("bf16 graphs cannot be checked here: ONNX Runtime's CPU provider has no bf16 kernels")
-    reference = ReferenceOutputs.load(bundle)
-    with OrtBackend(bundle) as candidate:
-        report = verify_against(reference, bundle, candidate, "ort")
+    report = verify_bundle(bundle_dir, backend="ort", write=False)
     report.raise_on_failure("ONNX Runtime disagrees with the torch reference")
     return report

@@ -32,12 +32,22 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, bundle: Bundle, model_dir: str | Path | None = None, threads: int = 0, model=None):
-        """model: an already-loaded reference model of the bundle's task and dtype (skips loading)."""
+    def __init__(
+        self,
+        bundle: Bundle,
+        model_dir: str | Path | None = None,
+        threads: int = 0,
+        model=None,
+        source_checked: bool = False,
+    ):
+        """model: an already-loaded reference model of the bundle's task and dtype (skips loading).
+        source_checked: the caller has already compared the checkpoint's sha256 with the manifest (skips hashing
+        every weight file a second time)."""
         self.bundle = bundle
         self.model_dir = model_dir
         self.threads = threads
         self.model = model
+        self.source_checked = source_checked
 
     def __enter__(self) -> TorchBackend:
         if self.threads:
@@ -51,7 +61,8 @@ class TorchBackend:
             raise BigCodeError(
                 f"the torch backend needs the checkpoint: {model_dir} {where} does not exist; pass --model MODEL_DIR"
             )
-        check_source(model_dir, manifest.source)  # the checkpoint the bundle was exported from, unchanged
+        if not self.source_checked:
+            check_source(model_dir, manifest.source)  # the checkpoint the bundle was exported from, unchanged
         self.model, _ = load_model(model_dir, task=manifest.task, dtype=manifest.dtype)
         return self
 

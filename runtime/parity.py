@@ -29,7 +29,7 @@ import numpy as np
 
 from bigcode_deploy.runtime.errors import ParityError
 from bigcode_deploy.runtime.manifest import Manifest
-from bigcode_deploy.runtime.reference import STATS, ReferenceOutputs, TeacherForced
+from bigcode_deploy.runtime.reference import ReferenceOutputs, TeacherForced
 
 # fp32 against the fp32 reference: (abs, rel).
 TOLERANCES = {"fp32": (1e-4, 1e-4)}
@@ -291,7 +291,9 @@ def _result(
         half_ulp = ULP_AT_ONE[dtype] / 2
         factor = REDUCED_PRECISION_FACTOR
         if name.startswith("present."):
-            allowed = factor * torch_error + half_ulp * np.abs(expected[..., -1:])  # (2, 4); STATS[-1] is max |x|
+            allowed = factor * torch_error + half_ulp * np.abs(
+                expected[..., -1:]
+            )  # (2, 4); the last statistic is max |x|
             mismatches = int((diff > allowed).sum())
             bound = f"{factor:g}x torch {dtype}'s error per statistic + half an ulp"
         else:
@@ -401,6 +403,3 @@ def judge(reference: ReferenceOutputs, candidate: TeacherForced, manifest: Manif
         )
     report.greedy_reference = [list(r) for r in reference.greedy]
     return report
-
-
-__all__ = ["STATS", "judge", "ParityReport", "OutputResult", "StepResult", "criterion_for"]

@@ -65,7 +65,9 @@ class DecodingSession:
             raise BigCodeError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.vocab_size})")
 
     def check_fits(self, prompts: list[list[int]], max_new_tokens: int) -> None:
-        longest = max(len(p) for p in self.check_prompts(prompts))
+        self._check_length(max(len(p) for p in self.check_prompts(prompts)), max_new_tokens)
+
+    def _check_length(self, longest: int, max_new_tokens: int) -> None:
         if longest + max_new_tokens > self.n_positions:
             raise ContextOverflow(
                 f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of "
@@ -80,7 +82,7 @@ class DecodingSession:
         """Run the prompts (left-padded into one batch), replacing any previous batch. Returns each row's
         last-position logits (B, vocab)."""
         prompts = self.check_prompts(prompts)
-        self.check_fits(prompts, 0)
+        self._check_length(max(len(p) for p in prompts), 0)
         input_ids, mask = left_pad(prompts)  # (B, T) each
         logits, cache = self.backend.step(
             input_ids, mask, position_ids(mask, 0), self.backend.empty_cache(len(prompts))

@@ -9,11 +9,19 @@ from bigcode_deploy.runtime.backends import open_backend
 from bigcode_deploy.runtime.bundle import Bundle
 
 
-def open_any_backend(bundle: Bundle, backend: str = "ort", *, model_dir: str | Path | None = None, threads: int = 0):
+def open_any_backend(
+    bundle: Bundle,
+    backend: str = "ort",
+    *,
+    model_dir: str | Path | None = None,
+    threads: int = 0,
+    source_checked: bool = False,
+):
     """ort, ort-cuda, tensorrt (bigcode_deploy.runtime.backends) or torch (the reference model from model_dir, or
-    the checkpoint recorded in the manifest). Enter the result with `with`. Raises BigCodeError for another name."""
+    the checkpoint recorded in the manifest; source_checked: its sha256 was already compared with the manifest).
+    Enter the result with `with`. Raises BigCodeError for another name."""
     if backend == "torch":
         from bigcode_deploy.exporter.torch_backend import TorchBackend
 
-        return TorchBackend(bundle, model_dir=model_dir, threads=threads)
+        return TorchBackend(bundle, model_dir=model_dir, threads=threads, source_checked=source_checked)
     return open_backend(bundle, backend, threads=threads)

@@ -49,7 +49,7 @@ def verify_bundle_live(
     reference = reference_outputs(
         source, bundle.manifest, steps=steps, seed=seed, kind=f"live torch {source}", threads=threads
     )
-    with open_any_backend(bundle, backend, model_dir=source, threads=threads) as b:
+    with open_any_backend(bundle, backend, model_dir=source, threads=threads, source_checked=True) as b:
         report = verify_against(reference, bundle, b, backend)
     if write:
         write_parity(bundle.path, report)
