@@ -180,6 +180,14 @@ def load_model(
                     f"tensor {raw_name} in {path.name} has shape {tuple(tensor.shape)} but config.json implies "
                     f"{tuple(expected[name])}: the weights and config.json do not belong together"
                 )
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                # Every weight, not only those the reference prompts reach: a NaN in a position embedding row
+                # past the prompts' lengths would pass any parity check and break generation later.
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise CheckpointError(
+                    f"tensor {raw_name} in {path.name} holds {bad} non-finite value(s) (NaN or inf): the checkpoint "
+                    "is broken; re-save it from a good copy"
+                )
             loaded[name] = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
     if unexpected:
         raise CheckpointError(

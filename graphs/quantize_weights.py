@@ -18,9 +18,10 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult
 
 from bigcode_deploy.graphs._ir import fail, ok
+from bigcode_deploy.runtime.manifest import QUANTIZATION_BITS
 
 NAME = "quantize_weights"  # recorded as quantize_weights.<scheme>
-BITS = {"int8": 8, "int4": 4}
+BITS = QUANTIZATION_BITS
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: the fast CPU path
 

@@ -14,7 +14,15 @@ import numpy as np
 
 from bigcode_deploy.runtime.errors import BundleError
 from bigcode_deploy.runtime.hashing import sha256_file
-from bigcode_deploy.runtime.manifest import BATCH, MANIFEST_FILE, NUMPY_DTYPES, PAST, KVCache, Manifest
+from bigcode_deploy.runtime.manifest import (
+    BATCH,
+    MANIFEST_FILE,
+    NUMPY_DTYPES,
+    PAST,
+    QUANTIZATION_BITS,
+    KVCache,
+    Manifest,
+)
 
 
 @dataclass
@@ -55,10 +63,16 @@ class Bundle:
             graph = onnx.load(str(self.graph_path), load_external_data=False).graph
         except Exception as exc:  # onnx raises protobuf's DecodeError for a file that is not a model
             raise BundleError(f"{self.graph_path} is not an ONNX model ({type(exc).__name__}); re-export it") from None
-        if not any(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in graph.node):
+        scheme = self.manifest.quantization.get("scheme")
+        bits = {
+            next((a.i for a in n.attribute if a.name == "bits"), None)
+            for n in graph.node
+            if n.op_type == "MatMulNBits" and n.domain == "com.microsoft"
+        }
+        if bits != {QUANTIZATION_BITS[scheme]}:
             raise BundleError(
-                f"{self.path / MANIFEST_FILE} claims {self.manifest.quantization.get('scheme')} quantization but the "
-                "graph has no MatMulNBits node; re-optimize the bundle"
+                f"{self.path / MANIFEST_FILE} claims {scheme} quantization but the graph's MatMulNBits nodes have "
+                f"bits {sorted(b for b in bits if b is not None) or 'none'}; re-optimize the bundle"
             )
 
     @property

@@ -57,7 +57,8 @@ TASKS = ("causal-lm", "base", "sequence-classification", "token-classification")
 TASKS_WITH_CACHE = ("causal-lm", "base")
 TARGETS = ("portable", "ort", "tensorrt")
 BACKENDS = ("ort", "ort-cuda", "torch", "tensorrt")  # torch: the reference model, provided by bigcode_deploy.exporter
-QUANTIZATION_SCHEMES = ("int8", "int4")
+QUANTIZATION_BITS = {"int8": 8, "int4": 4}  # weight-only schemes -> MatMulNBits bits
+QUANTIZATION_SCHEMES = tuple(QUANTIZATION_BITS)
 OPSETS = range(18, 24)
 
 # The custom domain of the model's two signature optimizations (bigcode_deploy.exporter.ops emits them).
@@ -279,8 +280,8 @@ class Manifest:
             )
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{path} is not valid JSON ({exc}); re-export the bundle") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise BundleError(f"{path} is not valid JSON ({type(exc).__name__}); re-export the bundle") from None
         return cls.from_json(raw, where=str(path))
 
     @classmethod
@@ -338,8 +339,9 @@ class Manifest:
             raise bad("target", f"{self.target!r} is not one of {', '.join(TARGETS)}")
         if self.logits_positions not in ("all", "last"):
             raise bad("logits_positions", f"is {self.logits_positions!r}, not 'all' or 'last'")
-        if not isinstance(self.config, dict):
-            raise bad("config", "is not an object")
+        for name in ("config", "source", "custom_ops"):
+            if not isinstance(getattr(self, name), dict):
+                raise bad(name, "is not an object")
         for name in ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head"):
             if not positive_int(self.config.get(name)):
                 raise bad(f"config.{name}", f"is {self.config.get(name)!r}, not a positive integer")

@@ -259,7 +259,12 @@ def staged_dir(out_dir: str | Path, force: bool, inputs: Iterable[str | Path | N
     out_dir = Path(out_dir)
     inputs = list(inputs)
     refuse_existing(out_dir, force, inputs)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a path component is a file, or not writable
+        raise BigCodeError(
+            f"cannot create {out_dir.parent} for OUT_DIR ({exc.strerror}); choose another OUT_DIR"
+        ) from None
     remove_stale(out_dir.parent)
     with exit_on_signals():
         staging = temp_name(out_dir, "partial")

@@ -8,7 +8,7 @@ import torch
 
 from bigcode_deploy.exporter.export import export_bundle
 from bigcode_deploy.runtime.bundle import Bundle
-from bigcode_deploy.runtime.errors import ParityError
+from bigcode_deploy.runtime.errors import CheckpointError, ParityError
 from bigcode_deploy.runtime.parity import QUANTIZED_CRITERIA, _top1_agreement, judge
 from bigcode_deploy.runtime.reference import ReferenceOutputs, reference_prompts
 from bigcode_deploy.runtime.verify import verify_bundle
@@ -35,13 +35,19 @@ def test_a_model_with_a_tiny_context_exports_and_is_checked(tmp_path):
 
 
 def test_nan_weights_fail_the_export_check(tmp_path):
-    model = make_hf_model("causal-lm", seed=2)
-    with torch.no_grad():
-        model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
-    model.save_pretrained(tmp_path / "ckpt")
-    with pytest.raises(ParityError, match="the torch reference of .* produced non-finite logits; check the checkpoint"):
-        export_bundle(tmp_path / "ckpt", tmp_path / "b", progress=lambda m: None)
-    assert not (tmp_path / "b").exists()
+    """Also a NaN the reference prompts never reach (a position embedding row past them): every weight is checked
+    on load, so no parity check can pass over it."""
+    for seed, (parameter, index) in enumerate(
+        (("transformer.h.1.mlp.c_fc.weight", (0, 0)), ("transformer.wpe.weight", (40, 0)))
+    ):
+        model = make_hf_model("causal-lm", seed=2 + seed)
+        with torch.no_grad():
+            dict(model.named_parameters())[parameter][index] = float("nan")
+        model.save_pretrained(tmp_path / f"ckpt{seed}")
+        for check in (True, False):
+            with pytest.raises(CheckpointError, match=f"tensor {parameter} in model.safetensors holds 1 non-finite"):
+                export_bundle(tmp_path / f"ckpt{seed}", tmp_path / "b", check=check, progress=lambda m: None)
+            assert not (tmp_path / "b").exists()
 
 
 def test_a_reduced_precision_graph_is_judged_against_fp32_not_against_itself(tmp_path):

@@ -67,9 +67,14 @@ CASES = {
     "reference-file-null": (set_key(["reference", "file"], None), None, "reference.file"),
     "reference-dtype-fp16": (set_key(["reference", "dtype"], "fp16"), None, "reference.dtype"),
     "token-outside-vocabulary": (None, lambda t: t["tokens"].__setitem__((0, 0), 10**6), "step tokens"),
-    "fake-quantization-claim": (set_key(["quantization"], {"scheme": "int8"}), None, "no MatMulNBits node"),
+    "fake-quantization-claim": (
+        set_key(["quantization"], {"scheme": "int8"}),
+        None,
+        "MatMulNBits nodes have bits none",
+    ),
     "tokenizer-outside-the-bundle": (set_key(["tokenizer"], "../../tokenizer.json"), None, "tokenizer"),
     "dtype-a-list": (set_key(["dtype"], ["fp32"]), None, "dtype"),
+    "source-not-an-object": (set_key(["source"], None), None, "source is not an object"),
     "inputs-emptied": (set_key(["inputs"], []), None, "inputs do not match"),
 }
 
@@ -196,3 +201,29 @@ def test_ids_and_stop_tokens_are_checked(bundle):
     for option in (["--ids", "1,,2"], ["--ids", "1", "--stop-token", "-5"], ["--ids", "1", "--stop-token", "99999"]):
         result = runner.invoke(main, ["generate", str(bundle), *option])
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_deeply_nested_json_and_a_file_in_the_output_path_are_one_line(bundle, tmp_path):
+    bad = tmp_path / "deep"
+    shutil.copytree(bundle, bad)
+    (bad / MANIFEST_FILE).write_text("[" * 100000 + "]" * 100000)
+    result = CliRunner().invoke(main, ["verify", str(bad)])
+    assert result.exit_code == 2 and "is not valid JSON" in result.output and len(result.output.splitlines()) == 1
+    (tmp_path / "a_file").write_text("x")
+    result = CliRunner().invoke(
+        main, ["optimize", str(bundle), str(tmp_path / "a_file" / "sub"), "--target", "portable"]
+    )
+    assert result.exit_code == 2 and "cannot create" in result.output and len(result.output.splitlines()) == 1
+
+
+def test_a_quantization_claim_must_match_the_graphs_bits(bundle, tmp_path):
+    from bigcode_deploy.workflows.optimize import optimize_bundle
+
+    int8 = optimize_bundle(
+        bundle, tmp_path / "int8", target="ort", quantize="int8", check=False, progress=lambda m: None
+    )
+    bad = edited(int8, tmp_path / "bad", set_key(["quantization", "scheme"], "int4"))
+    result = CliRunner().invoke(main, ["verify", str(bad)])
+    assert result.exit_code == 2 and "claims int4 quantization but the graph's MatMulNBits nodes have bits [8]" in (
+        result.output
+    )
