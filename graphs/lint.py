@@ -1,6 +1,7 @@
 """`bigcode-deploy lint BUNDLE --target tensorrt`: what TensorRT's ONNX parser would reject, found statically.
 
-One line per problem. Checks: ops outside the parser's support list, opset outside 9-24, DOUBLE tensors, custom
+One line per problem. Checks: ops outside the parser's support list, an opset outside the parser's range (of the
+TensorRT version given, else of the newest one known: runtime/tensorrt_engine.py's table), DOUBLE tensors, custom
 ops without a plugin mapping, custom op names that collide with a built-in importer (the parser dispatches on the
 op name alone, ignoring the domain), and graph input dims without a finite range in the manifest.
 """
@@ -14,6 +15,7 @@ import onnx
 from bigcode_deploy.runtime.bundle import Bundle
 from bigcode_deploy.runtime.errors import BigCodeError
 from bigcode_deploy.runtime.manifest import Manifest
+from bigcode_deploy.runtime.tensorrt_engine import MIN_OPSET, PARSER_MAX_OPSET, parser_opsets
 
 # The standard ops onnx-tensorrt's importer handles (its operator support matrix, TensorRT 9.2-10.x), plus
 # Gelu (opset 20) and Attention (opset 23, parser 10.14+). Ops missing here are rejected by the parser.
@@ -33,7 +35,6 @@ Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRe
 Unsqueeze Upsample Where Xor
 """.split()
 )
-OPSET_RANGE = range(9, 25)
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
@@ -51,15 +52,32 @@ def _tensor_types(model: onnx.ModelProto):
                 yield f"{node.name or node.output[0]} (attribute {attr.name})", attr.t.data_type
 
 
-def lint_tensorrt(model: onnx.ModelProto, manifest: Manifest) -> list[str]:
+def opset_problem(opset: int | None, tensorrt_version: str | None = None) -> str | None:
+    """The line for an opset TensorRT's parser would refuse, else None. tensorrt_version: the version the engine will
+    be built with ("10.13.0"); None: any version this project knows (the newest one's range; build-engine then checks
+    the installed version's). Raises BigCodeError for a version older than 10."""
+    if tensorrt_version is not None:
+        opsets, which = parser_opsets(tensorrt_version), f"TensorRT {tensorrt_version}'s"
+    else:
+        opsets, which = range(MIN_OPSET, max(PARSER_MAX_OPSET.values()) + 1), "every known TensorRT's"
+    if opset is None:
+        return "the graph imports no standard ONNX opset (ai.onnx): re-export it"
+    if opset in opsets:
+        return None
+    return f"opset {opset} is outside {which} parser range {opsets.start}-{opsets.stop - 1}"
+
+
+def lint_tensorrt(model: onnx.ModelProto, manifest: Manifest, tensorrt_version: str | None = None) -> list[str]:
     """What TensorRT's ONNX parser would reject in the graph, one line per problem (empty: none found).
 
-    manifest: the bundle's Manifest; its dims give each symbolic input dim's range.
+    manifest: the bundle's Manifest; its dims give each symbolic input dim's range. tensorrt_version: judge the
+    opset against that version's parser (None: the newest known; see opset_problem).
     """
     problems = []
     standard_opset = next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), None)
-    if standard_opset not in OPSET_RANGE:
-        problems.append(f"opset {standard_opset} is outside TensorRT's parser range 9-24")
+    opset = opset_problem(standard_opset, tensorrt_version)
+    if opset is not None:
+        problems.append(opset)
     for name, elem_type in _tensor_types(model):
         if elem_type == onnx.TensorProto.DOUBLE:
             problems.append(f"tensor {name} is DOUBLE: TensorRT casts it down to FLOAT; make it float32")
@@ -104,10 +122,11 @@ def lint_tensorrt(model: onnx.ModelProto, manifest: Manifest) -> list[str]:
     return sorted(set(problems), key=problems.index)
 
 
-def lint_bundle(bundle_path: str | Path, target: str = "tensorrt") -> list[str]:
-    """Lint a bundle's graph (not its external data) with its manifest. Raises BigCodeError for a target other
-    than tensorrt, BundleError for a bundle that cannot be opened."""
+def lint_bundle(bundle_path: str | Path, target: str = "tensorrt", tensorrt_version: str | None = None) -> list[str]:
+    """Lint a bundle's graph (not its external data) with its manifest (tensorrt_version: as lint_tensorrt).
+    Raises BigCodeError for a target other than tensorrt, BundleError for a bundle that cannot be opened."""
     if target != "tensorrt":
         raise BigCodeError(f"lint knows the tensorrt target only (got {target!r})")
     bundle = Bundle.open(bundle_path)
-    return lint_tensorrt(onnx.load(str(bundle.graph_path), load_external_data=False), bundle.manifest)
+    model = onnx.load(str(bundle.graph_path), load_external_data=False)
+    return lint_tensorrt(model, bundle.manifest, tensorrt_version)

@@ -11,7 +11,9 @@ from bigcode_deploy.graphs import (
     last_token_logits,
     mqa_broadcast_attention,
     ort_fusions,
+    scale_on_query,
 )
+from bigcode_deploy.runtime.errors import BigCodeError
 from bigcode_deploy.runtime.manifest import TARGETS, PassRecord
 
 
@@ -20,7 +22,8 @@ def run_passes(model: ir.Model, target: str, last_token_only: bool = False) -> l
 
     ort_fusions records one PassRecord per fusion tried (`ort_fusions.<name>`, with the reason when it found no
     match), or one `ort_fusions` record with count 0 and the reason when none fired. Raises ValueError for an
-    unknown target.
+    unknown target, BigCodeError for a tensorrt graph that would keep a per-layer softmax unscale (TensorRT
+    would not fuse its attention).
     """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -33,6 +36,15 @@ def run_passes(model: ir.Model, target: str, last_token_only: bool = False) -> l
     if target == "tensorrt":
         # Matches the bigcode softmax node to find each attention, so it runs before the functions are inlined.
         record(mqa_broadcast_attention.NAME, mqa_broadcast_attention.apply(model))
+        # Also on the bigcode softmax's scale attribute, so before inlining; after the MQA rule, whose Reshape and
+        # Transpose of Q it walks through.
+        record(scale_on_query.NAME, scale_on_query.apply(model))
+        left = scale_on_query.unfolded(model)
+        if left:
+            raise BigCodeError(
+                f"the tensorrt graph would keep a per-layer softmax unscale after {len(left)} attention(s), which "
+                f"blocks TensorRT's attention fusion: {left[0]}"
+            )
     # Every target inlines: the portable graph needs only standard ops, ORT's fusions and TensorRT's importer see
     # plain ops (a bigcode node left in a TensorRT graph would need a plugin).
     record(inline_functions.NAME, inline_functions.apply(model))

@@ -4,8 +4,10 @@ Device memory, copies and the stream come from cuda-python (bigcode_deploy.runti
 the backend does (profile switches, uploads, execute_async_v3, the row gather of select_rows, downloads) goes on
 ONE stream that it owns, so no cross-stream ordering is needed; the stream is synchronized at the end of each call
 that hands buffers back, so dropped buffers can be freed at once. The KV cache stays on the device between steps as
-DeviceBuffers. Loading refuses an engine built for another TensorRT, GPU architecture or graph, and one whose I/O
-differs from the manifest. The engine is built by bigcode_deploy.runtime.tensorrt_build (`build-engine`).
+DeviceBuffers. Loading refuses an engine built for another TensorRT, GPU architecture, GPU model (unless built with
+SAME_COMPUTE_CAPABILITY) or graph, one whose I/O differs from the manifest, and one without the two profiles; each
+step is checked against the engine's limits (engine.json) before TensorRT sees it. The engine is built by
+bigcode_deploy.runtime.tensorrt_build (`build-engine`).
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ from bigcode_deploy.runtime.errors import BigCodeError
 from bigcode_deploy.runtime.tensorrt_engine import (
     META_FILE,
     PLAN_FILE,
+    PROFILE_NAMES,
     EngineMetadata,
     check_compatible,
     check_engine_io,
+    check_step,
     engine_dir,
     input_shape_error,
     io_bindings,
     profile_for,
     require_tensorrt,
+    trt_logger,
 )
 
 
@@ -50,28 +55,41 @@ class TensorRTBackend:
         trt = require_tensorrt()
         from bigcode_deploy.runtime import cuda
 
-        _, capability = cuda.device_info()
-        directory = engine_dir(self.bundle.path, capability, trt.__version__)
+        gpu_name, capability = cuda.device_info()
+        # This GPU model's own plan first, then one built for any GPU of this compute capability.
+        candidates = [engine_dir(self.bundle.path, capability, trt.__version__, gpu_name)]
+        candidates.append(engine_dir(self.bundle.path, capability, trt.__version__))
+        directory = next((d for d in candidates if (d / PLAN_FILE).is_file()), candidates[0])
         plan = directory / PLAN_FILE
         rebuild = f"rebuild it with `bigcode-deploy build-engine {self.bundle.path}` here"
         if not plan.is_file():
-            raise BigCodeError(f"no engine for this GPU and TensorRT at {directory}: {rebuild}")
+            raise BigCodeError(f"no engine for this GPU and TensorRT at {candidates[0]} or {candidates[1]}: {rebuild}")
         self.meta = EngineMetadata.read(directory / META_FILE)
-        check_compatible(self.meta, trt.__version__, capability, self.bundle.manifest.graph.sha256)
+        check_compatible(self.meta, trt.__version__, capability, self.bundle.manifest.graph.sha256, gpu_name)
         self.cuda = cuda
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.runtime = trt.Runtime(trt_logger(trt))
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise BigCodeError(f"TensorRT could not deserialize {plan} (see its log above): {rebuild}")
         check_engine_io(engine_io(self.engine, trt), self.bundle.manifest, what=f"the engine {plan}")
+        profiles = self.engine.num_optimization_profiles
+        if profiles != len(PROFILE_NAMES):
+            raise BigCodeError(
+                f"the engine {plan} has {profiles} optimization profiles where {len(PROFILE_NAMES)} (prefill, decode) "
+                f"are needed: {rebuild}"
+            )
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise BigCodeError(f"TensorRT could not create an execution context for {plan} (see its log): {rebuild}")
         self.bindings = {b.name: b for b in io_bindings(self.bundle.manifest)}
         self.stream = cuda.Stream()
         names = list(self.bindings)
-        # Zero-size tensors (the empty past) still need a real address, a distinct one each: one aligned block.
-        self.dummy = cuda.DeviceBuffer((len(names) * cuda.ALIGNMENT,), np.uint8)
+        try:
+            # Zero-size tensors (the empty past) still need a real address, a distinct one each: one aligned block.
+            self.dummy = cuda.DeviceBuffer((len(names) * cuda.ALIGNMENT,), np.uint8)
+        except BaseException:
+            self.__exit__(None, None, None)  # __exit__ does not run when __enter__ raises: free the stream here
+            raise
         self.dummies = cuda.dummy_addresses(self.dummy.ptr, names)
         self.profile: int | None = None
         return self
@@ -144,6 +162,8 @@ class TensorRTBackend:
         past_names = self.bundle.past_names()
         axis = self.bundle.kv_cache.sequence_axis if self.bundle.kv_cache else 0
         past_length = inputs[past_names[0]].shape[axis] if past_names else 0
+        batch, sequence = inputs["input_ids"].shape
+        check_step(self.meta.limits, batch, sequence, past_length)
         wanted = profile_for(past_length)
         if wanted != self.profile:
             # On the same stream as the execution that follows, so no extra synchronization is needed.
@@ -173,6 +193,10 @@ class TensorRTBackend:
         return outputs
 
     def _bind(self, name: str, address: int) -> None:
+        """Bind a contiguous buffer's address (DeviceBuffers are C-order by construction; cudaMalloc's and the
+        dummies are ALIGNMENT-aligned, which setTensorAddress requires). Raises BigCodeError otherwise."""
+        if address % self.cuda.ALIGNMENT:
+            raise BigCodeError(f"the address {address:#x} of tensor {name} is not {self.cuda.ALIGNMENT}-byte aligned")
         if not self.context.set_tensor_address(name, address):
             raise BigCodeError(f"TensorRT refused the address of tensor {name}")
 

@@ -8,7 +8,10 @@ I/O is by tensor name; a KV-cache decoder needs a prefill profile (past 0) and a
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,13 @@ PLAN_FILE, META_FILE = "model.plan", "engine.json"
 TRT_DTYPES = {"int64": "INT64", "float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16"}
 PREFILL, DECODE = 0, 1  # optimization profile indices
 PROFILE_NAMES = {PREFILL: "prefill", DECODE: "decode"}
+# The opsets onnx-tensorrt's importer accepts, by the first TensorRT version that accepts them (its
+# docs/operators.md: "TensorRT 10.0 supports ... opset 9 to opset 20", "TensorRT 10.15 ... 9 to opset 24", 11.2 the
+# same). Versions between 10.0 and 10.15 are held to 10.0's range: no source here says they parse more.
+MIN_OPSET = 9
+PARSER_MAX_OPSET = {(10, 0): 20, (10, 15): 24}
+# IBuilderConfig.hardware_compatibility_level values this project builds with (engine.json records which).
+HW_COMPAT_NONE, HW_COMPAT_SAME_CC = "NONE", "SAME_COMPUTE_CAPABILITY"
 
 
 # --- the target -------------------------------------------------------------------------------------------------
@@ -64,8 +74,11 @@ def engine_limits(
         raise BigCodeError(f"--max-batch {limits.max_batch} exceeds the bundle's batch range (max {batch_max})")
     if limits.max_batch < 1:
         raise BigCodeError(f"--max-batch {limits.max_batch} must be at least 1")
-    if not 1 <= limits.max_context <= n_positions:
-        raise BigCodeError(f"--max-context {limits.max_context} must be in 1..{n_positions} (the model's context)")
+    if not 2 <= limits.max_context <= n_positions:
+        raise BigCodeError(
+            f"--max-context {limits.max_context} must be in 2..{n_positions} (a decode step needs one past token and "
+            "one new one; the model's context is the most)"
+        )
     if not 1 <= limits.max_prompt <= limits.max_context:
         raise BigCodeError(f"--max-prompt {limits.max_prompt} must be in 1..--max-context ({limits.max_context})")
     return limits
@@ -108,6 +121,51 @@ def _fill(shape: list[str | int], sizes: dict[str, int]) -> Shape:
 def profile_for(past_length: int) -> int:
     """The profile index for a step: PREFILL when the past is empty, else DECODE."""
     return PREFILL if past_length == 0 else DECODE
+
+
+def parser_opsets(tensorrt_version: str) -> range:
+    """The opsets TensorRT's ONNX parser of this version accepts ("10.13.0" -> 9..20). Raises BigCodeError for a
+    version string that does not start with major.minor, or a major version older than 10."""
+    match = re.match(r"(\d+)\.(\d+)", str(tensorrt_version))
+    if match is None or int(match.group(1)) < 10:
+        raise BigCodeError(f"TensorRT version {tensorrt_version!r} is not 10.x or newer: install TensorRT >= 10")
+    version = (int(match.group(1)), int(match.group(2)))
+    best = max(v for v in PARSER_MAX_OPSET if v <= version)
+    return range(MIN_OPSET, PARSER_MAX_OPSET[best] + 1)
+
+
+def check_opset(opset: int, tensorrt_version: str) -> None:
+    """Raise BigCodeError (one line) when this TensorRT's parser cannot read a graph of this standard opset."""
+    opsets = parser_opsets(tensorrt_version)
+    if opset not in opsets:
+        newer = [".".join(map(str, v)) for v, top in sorted(PARSER_MAX_OPSET.items()) if MIN_OPSET <= opset <= top]
+        hint = f"install TensorRT >= {newer[0]} or " if newer else ""
+        raise BigCodeError(
+            f"the graph's opset {opset} is outside TensorRT {tensorrt_version}'s parser range "
+            f"{opsets.start}-{opsets.stop - 1}: {hint}export with --opset {opsets.stop - 1}"
+        )
+
+
+def check_step(limits: dict[str, int], batch: int, sequence: int, past: int) -> None:
+    """Check one step's shape against the engine's limits (engine.json) before TensorRT sees it.
+
+    limits: EngineLimits as a dict; batch (rows), sequence (new tokens), past (cached tokens). Raises BigCodeError
+    naming the limit and the build option that raises it.
+    """
+    problems = []
+    if batch > limits["max_batch"]:
+        problems.append(f"batch {batch} exceeds --max-batch {limits['max_batch']}")
+    if past == 0 and sequence > limits["max_prompt"]:
+        problems.append(f"a prompt of {sequence} tokens exceeds --max-prompt {limits['max_prompt']}")
+    if past + sequence > limits["max_context"]:
+        problems.append(f"a context of {past + sequence} tokens exceeds --max-context {limits['max_context']}")
+    if past and sequence != 1:
+        problems.append(f"a cached step of {sequence} tokens: the decode profile takes one new token per step")
+    if problems:
+        raise BigCodeError(
+            f"the engine cannot run this step ({'; '.join(problems)}): rebuild it with larger limits "
+            "(`bigcode-deploy build-engine`)"
+        )
 
 
 def input_shape_error(name: str, shape: Shape, profile: int, profiles: list[dict[str, list]]) -> str:
@@ -178,9 +236,19 @@ def gpu_arch(compute_capability: tuple[int, int]) -> str:
     return f"sm{compute_capability[0]}{compute_capability[1]}"
 
 
-def engine_dir(bundle_path: str | Path, compute_capability: tuple[int, int], trt_version: str) -> Path:
-    """bundle/engine/<gpu-arch>-trt<version>/: one plan per GPU architecture and TensorRT version."""
-    return Path(bundle_path) / ENGINE_DIR / f"{gpu_arch(compute_capability)}-trt{trt_version}"
+def gpu_model_slug(gpu_name: str) -> str:
+    """A GPU model's name as a file-name part: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-") or "gpu"
+
+
+def engine_dir(
+    bundle_path: str | Path, compute_capability: tuple[int, int], trt_version: str, gpu_name: str | None = None
+) -> Path:
+    """bundle/engine/<gpu-arch>-<gpu model>-trt<version>/ for a default engine (promised on its GPU model only, so
+    two models of one architecture keep a plan each), bundle/engine/<gpu-arch>-trt<version>/ when gpu_name is None
+    (a SAME_COMPUTE_CAPABILITY engine, shared by every GPU of that architecture)."""
+    model = f"-{gpu_model_slug(gpu_name)}" if gpu_name is not None else ""
+    return Path(bundle_path) / ENGINE_DIR / f"{gpu_arch(compute_capability)}{model}-trt{trt_version}"
 
 
 @dataclass
@@ -194,21 +262,31 @@ class EngineMetadata:
     profiles: list[dict[str, list]]
     limits: dict[str, int]
     build_seconds: float
+    hardware_compatibility: str = HW_COMPAT_NONE  # NONE: this GPU model only; SAME_COMPUTE_CAPABILITY: its arch
 
     @classmethod
     def read(cls, path: Path) -> EngineMetadata:
         """Raises BigCodeError (one line, with a rebuild hint) for a missing or malformed file."""
         try:
-            return cls(**json.loads(Path(path).read_text()))
+            meta = cls(**json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, TypeError) as exc:
             raise BigCodeError(f"{path} is not a readable engine description ({exc}); rebuild the engine") from None
+        limits = meta.limits if isinstance(meta.limits, dict) else {}
+        if not all(type(limits.get(f.name)) is int for f in dataclasses.fields(EngineLimits)):
+            raise BigCodeError(f"{path} records no integer limits ({meta.limits!r:.80}); rebuild the engine")
+        return meta
 
 
 def check_compatible(
-    meta: EngineMetadata, tensorrt_version: str, compute_capability: tuple[int, int], graph_sha256: dict[str, str]
+    meta: EngineMetadata,
+    tensorrt_version: str,
+    compute_capability: tuple[int, int],
+    graph_sha256: dict[str, str],
+    gpu_name: str | None = None,
 ) -> None:
-    """A plan runs only with the TensorRT version and GPU architecture it was built for, from the same graph.
-    Raises BigCodeError naming the mismatch."""
+    """A plan runs only with the TensorRT version and GPU architecture it was built for, from the same graph; a
+    default engine (hardware_compatibility NONE) is promised only on the GPU model it was built on, so gpu_name is
+    compared too (skipped when None). Raises BigCodeError naming the mismatch."""
     if meta.tensorrt_version != tensorrt_version:
         raise BigCodeError(
             f"the engine was built with TensorRT {meta.tensorrt_version}, this is TensorRT {tensorrt_version}: "
@@ -219,6 +297,17 @@ def check_compatible(
             f"the engine was built for GPU architecture {gpu_arch(tuple(meta.compute_capability))} "
             f"({meta.gpu_name}), this GPU is {gpu_arch(compute_capability)}: rebuild it here"
         )
+    if meta.hardware_compatibility not in (HW_COMPAT_NONE, HW_COMPAT_SAME_CC):
+        raise BigCodeError(
+            f"the engine records hardware compatibility {meta.hardware_compatibility!r}, which this runtime does not "
+            "know: rebuild it with `bigcode-deploy build-engine`"
+        )
+    if gpu_name is not None and meta.hardware_compatibility == HW_COMPAT_NONE and meta.gpu_name != gpu_name:
+        raise BigCodeError(
+            f"the engine was built on {meta.gpu_name} and this GPU is {gpu_name}: TensorRT promises a default engine "
+            "only on the GPU model it was built on; rebuild it here with `bigcode-deploy build-engine` (add "
+            "--same-compute-capability for a plan that loads on any GPU of this compute capability)"
+        )
     if meta.graph_sha256 != graph_sha256:
         raise BigCodeError(
             "the engine was built from another graph (graph sha256 differs from the manifest's): rebuild it with "
@@ -226,7 +315,20 @@ def check_compatible(
         )
 
 
+def timing_cache_file(directory: str | Path, gpu_name: str, compute_capability: tuple[int, int], version: str) -> Path:
+    """DIR/<gpu-arch>-<gpu model>-trt<version>.timing-cache: a timing cache holds tactic timings of one GPU model and
+    one TensorRT version, so each gets its own file ("NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3")."""
+    return Path(directory) / f"{gpu_arch(compute_capability)}-{gpu_model_slug(gpu_name)}-trt{version}.timing-cache"
+
+
 # --- the guard --------------------------------------------------------------------------------------------------
+@functools.cache
+def trt_logger(trt: Any) -> Any:
+    """One trt.Logger (WARNING) per process and tensorrt module, shared by the builder, the parser and every runtime,
+    rather than a new one per object."""
+    return trt.Logger(trt.Logger.WARNING)
+
+
 def require_tensorrt() -> Any:
     """The tensorrt module, once tensorrt and cuda-python import and a CUDA device is visible.
 
@@ -234,10 +336,11 @@ def require_tensorrt() -> Any:
     """
     try:
         import tensorrt as trt
-    except ImportError as exc:
+    except Exception as exc:  # noqa: BLE001 - ImportError, or OSError/FileNotFoundError from a broken or stub wheel
+        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BackendUnavailable(
-            f"TensorRT is not available: `import tensorrt` failed ({exc}); install the `tensorrt` extra on a machine "
-            "with an NVIDIA GPU"
+            f"TensorRT is not available: `import tensorrt` failed ({reason}); install the `tensorrt` extra on a "
+            "machine with an NVIDIA GPU"
         ) from None
     from bigcode_deploy.runtime import cuda
 

@@ -1,12 +1,14 @@
 """GPU check: the reference model on CUDA against the CPU, the ORT bundle on CUDA, and TensorRT where installed.
 
 Run by scripts/gpu_check.sh on a machine with an NVIDIA GPU. Prints a parity table and decode latencies; each part
-that cannot run (no onnxruntime-gpu, no cuda-python, no tensorrt) prints one line saying what is missing.
+that cannot run (no onnxruntime-gpu, no cuda-python, no tensorrt, a stub tensorrt wheel, no device visible to
+cuda-python) prints one line "not checked: <reason>". Where TensorRT runs, the engine is built with detailed
+profiling verbosity and its layers are printed (the engine inspector), so the fused attention kernels can be seen.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import sys
 import tempfile
 import time
@@ -107,10 +109,13 @@ def cuda_python_copies() -> bool:
 
     try:
         cuda.cudart()
-    except BackendUnavailable as exc:
+        if cuda.device_count() == 0:
+            print("cuda-python: not checked: no device visible to cuda-python (a driver / cuda-python major mismatch?)")
+            return True
+        name, capability = cuda.device_info()
+    except (BackendUnavailable, cuda.CudaError) as exc:
         print(f"cuda-python: not checked: {exc}")
         return True
-    name, capability = cuda.device_info()
     rng = np.random.default_rng(0)
     cache = rng.standard_normal((4, 7, 16)).astype(np.float16)
     logits = rng.standard_normal((3, 5, 11)).astype(np.float32)
@@ -129,6 +134,65 @@ def cuda_python_copies() -> bool:
     return good
 
 
+def tensorrt_check(bundle: Path, out: Path) -> bool:
+    """Lower the bundle, build its engine (detailed profiling verbosity), print the engine's layers and the TensorRT
+    parity table. Prints "TensorRT: not checked: <reason>" and returns True where TensorRT cannot run here (not
+    installed, a stub wheel whose import fails, no device visible to cuda-python); False when it runs and fails."""
+    from bigcode_deploy.runtime.errors import BigCodeError
+    from bigcode_deploy.runtime.tensorrt_engine import require_tensorrt
+
+    try:
+        trt = require_tensorrt()
+    except Exception as exc:  # noqa: BLE001 - a stub or broken wheel can fail in any way on import: report, go on
+        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"TensorRT: not checked: {reason}")
+        return True
+    from bigcode_deploy.runtime.verify import verify_bundle
+    from bigcode_deploy.workflows.build_engine import build_engine_for
+
+    print(f"TensorRT {trt.__version__}: lowering the bundle and building its engine")
+    try:
+        # Lowering happens only on request: the engine is built in the new bundle named here.
+        plan = build_engine_for(
+            bundle, lower_to=out, max_batch=4, max_prompt=32, max_context=128, detailed_profile=True
+        )
+        print_engine_layers(trt, plan)
+        report = verify_bundle(out, backend="tensorrt")
+    except BigCodeError as exc:
+        print(f"TensorRT: FAIL: {exc}")
+        return False
+    except Exception as exc:  # noqa: BLE001 - the binding raises RuntimeError in places: report it, go on
+        print(f"TensorRT: FAIL: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc).strip() else ''}")
+        return False
+    print(report.table())
+    return report.ok
+
+
+def print_engine_layers(trt, plan: Path) -> None:
+    """Each layer of the plan as the engine inspector describes it (name, type and tactic with DETAILED verbosity):
+    a fused attention shows as one layer (an mha/fmha kernel or a Myelin region) instead of MatMul, Softmax,
+    MatMul. Prints one line when the inspector is not available."""
+    from bigcode_deploy.runtime.tensorrt_engine import trt_logger
+
+    engine = trt.Runtime(trt_logger(trt)).deserialize_cuda_engine(plan.read_bytes())
+    if engine is None or not hasattr(engine, "create_engine_inspector"):
+        print("engine layers: not shown (the plan did not deserialize, or this TensorRT has no engine inspector)")
+        return
+    text = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    try:
+        layers = json.loads(text)["Layers"]
+    except (ValueError, KeyError, TypeError):
+        print(f"engine layers (raw inspector output):\n{text}")
+        return
+    print(f"engine layers ({len(layers)}):")
+    for layer in layers:
+        if isinstance(layer, dict):
+            fields = (layer.get("Name", "?"), layer.get("LayerType", ""), layer.get("TacticName", ""))
+            print("  " + "  ".join(str(f) for f in fields if f))
+        else:
+            print(f"  {layer}")
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("gpu check: no CUDA device visible to torch; nothing to check")
@@ -141,7 +205,15 @@ def main() -> int:
     models = {
         "default model": Path("exporter/default_model"),
         "random 4-layer (std 0.2)": write_checkpoint(
-            work / "random", vocab_size=512, n_positions=128, n_embd=128, n_layer=4, n_head=4, initializer_range=0.2
+            work / "random",
+            vocab_size=512,
+            n_positions=128,
+            n_embd=128,
+            n_layer=4,
+            n_head=4,
+            initializer_range=0.2,
+            bos_token_id=0,  # the defaults (50256) are outside this vocabulary: config validation refuses them
+            eos_token_id=0,
         ),
     }
     print(f"{'model':<26}{'candidate':<18}{'reference':<16}{'max abs':>10}{'top-1':>7}  result")
@@ -175,16 +247,7 @@ def main() -> int:
             "(install onnxruntime-gpu)"
         )
     ok &= cuda_python_copies()
-    if importlib.util.find_spec("tensorrt") is None:
-        print("TensorRT: not checked: `import tensorrt` fails here (no engine build, no TensorRT parity)")
-    else:
-        from bigcode_deploy.workflows.build_engine import build_engine_for
-
-        # Lowering happens only on request: the engine is built in the new bundle named here.
-        build_engine_for(bundle, lower_to=work / "trt", max_batch=4, max_prompt=32, max_context=128)
-        report = verify_bundle(work / "trt", backend="tensorrt")
-        print(report.table())
-        ok &= report.ok
+    ok &= tensorrt_check(bundle, work / "trt")
 
     path = models["random 4-layer (std 0.2)"]
     print("decode latency, batch 1, 64-token prompt, median ms per token (random 4-layer model):")

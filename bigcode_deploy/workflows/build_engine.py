@@ -27,6 +27,8 @@ def build_engine_for(
     max_context: int | None = None,
     timing_cache: str | Path | None = None,
     workspace_gb: float = 4.0,
+    same_compute_capability: bool = False,
+    detailed_profile: bool = False,
     progress: Progress = print_progress,
 ) -> Path:
     """Build the engine of BUNDLE, lowering it into `lower_to` first when it is not a tensorrt bundle.
@@ -74,5 +76,7 @@ def build_engine_for(
         max_context=max_context,
         timing_cache=timing_cache,
         workspace_gb=workspace_gb,
+        same_compute_capability=same_compute_capability,
+        detailed_profile=detailed_profile,
         progress=progress,
     )

@@ -56,7 +56,7 @@ def test_each_problem_is_one_line():
     ]
     problems = lint_tensorrt(tiny_model(nodes, opset=25, extra_inputs=[double]), manifest({}))
     assert problems == [
-        "opset 25 is outside TensorRT's parser range 9-24",
+        "opset 25 is outside every known TensorRT's parser range 9-24",
         "tensor d is DOUBLE: TensorRT casts it down to FLOAT; make it float32",
         "op Unique is not supported by TensorRT's ONNX parser",
         "custom op custom::Softmax collides with the built-in Softmax importer (the parser ignores domains): rename it",
@@ -65,6 +65,39 @@ def test_each_problem_is_one_line():
         "custom op custom::Mapped is mapped to a plugin but has no function body to fall back on",
         "input x dim 'batch' has no finite range in the manifest's dims (an optimization profile needs min and max)",
     ]
+
+
+@pytest.mark.parametrize(
+    "opset, version, problem",
+    [
+        (20, "10.0.1", None),
+        (21, "10.0.1", "opset 21 is outside TensorRT 10.0.1's parser range 9-20"),
+        (23, "10.14.1", "opset 23 is outside TensorRT 10.14.1's parser range 9-20"),  # 9-24 from 10.15 only
+        (23, "10.15.1", None),
+        (24, "11.2.0", None),
+        (8, "10.15.1", "opset 8 is outside TensorRT 10.15.1's parser range 9-24"),
+        (23, None, None),
+        (8, None, "opset 8 is outside every known TensorRT's parser range 9-24"),
+    ],
+)
+def test_the_opset_range_is_the_named_tensorrt_versions(opset, version, problem):
+    model = tiny_model([helper.make_node("Relu", ["x"], ["y"])], opset=opset)
+    assert lint_tensorrt(model, manifest(DIMS), tensorrt_version=version) == ([problem] if problem else [])
+
+
+def test_build_engine_checks_the_opset_against_the_installed_tensorrt():
+    from bigcode_deploy.runtime.tensorrt_engine import check_opset, parser_opsets
+
+    assert parser_opsets("10.3.0") == range(9, 21) and parser_opsets("11.0.0") == range(9, 25)
+    check_opset(18, "10.0.0")
+    with pytest.raises(BigCodeError) as err:
+        check_opset(23, "10.8.0")
+    assert str(err.value) == (
+        "the graph's opset 23 is outside TensorRT 10.8.0's parser range 9-20: install TensorRT >= 10.15 or export "
+        "with --opset 20"
+    )
+    with pytest.raises(BigCodeError, match="TensorRT version '9.2.0' is not 10.x or newer"):
+        parser_opsets("9.2.0")
 
 
 def test_unbounded_dim_in_the_manifest_is_a_problem():
@@ -113,6 +146,10 @@ def test_cli_lint_on_exported_bundle_fails_and_tensorrt_bundle_passes(tiny_bundl
     assert result.exit_code == 0, result.output
     result = runner.invoke(main, ["lint", str(tmp_path / "trt")])
     assert result.exit_code == 0 and "no problems" in result.output
+    result = runner.invoke(main, ["lint", str(tmp_path / "trt"), "--tensorrt-version", "10.3.0"])
+    assert result.exit_code == 0 and "no problems for tensorrt (TensorRT 10.3.0)" in result.output
+    result = runner.invoke(main, ["lint", str(tmp_path / "trt"), "--tensorrt-version", "8.6"])
+    assert result.exit_code == 2 and "TensorRT version '8.6' is not 10.x or newer" in result.output
     manifest = json.loads((tmp_path / "trt" / "manifest.json").read_text())
     assert manifest["dims"]["batch"] == {"min": 1, "max": 8}
     assert not onnx.load(str(tmp_path / "trt" / "model.onnx")).functions

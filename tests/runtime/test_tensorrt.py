@@ -9,8 +9,11 @@ import importlib.util
 import json
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 from click.testing import CliRunner
 
@@ -19,7 +22,7 @@ from bigcode_deploy.runtime import cuda
 from bigcode_deploy.runtime.bundle import Bundle
 from bigcode_deploy.runtime.errors import BackendUnavailable, BigCodeError
 from bigcode_deploy.runtime.hashing import sha256_file
-from bigcode_deploy.runtime.manifest import GraphFiles, Manifest
+from bigcode_deploy.runtime.manifest import ONNX_TENSOR_TYPES, GraphFiles, Manifest
 from bigcode_deploy.runtime.progress import quiet
 from bigcode_deploy.runtime.tensorrt_build import build_engine
 from bigcode_deploy.runtime.tensorrt_engine import (
@@ -36,6 +39,7 @@ from bigcode_deploy.runtime.tensorrt_engine import (
     input_shape_error,
     io_bindings,
     profile_for,
+    timing_cache_file,
 )
 from bigcode_deploy.workflows.build_engine import build_engine_for
 
@@ -47,23 +51,34 @@ NOT_AVAILABLE = (
 )
 
 
-def make_manifest(target: str = "tensorrt", sha256: dict | None = None, **config) -> Manifest:
+def make_manifest(target: str = "tensorrt", sha256: dict | None = None, last_token: bool = False, **config) -> Manifest:
     portable = Manifest.build(
         CONFIG | config, task="causal-lm", dtype="fp16", opset=18, use_cache=True, package_version="0",
-        graph=GraphFiles("model.onnx", None, sha256 or {}), source={}, tokenizer=None, custom_ops_used=[],
+        graph=GraphFiles("model.onnx", None, sha256 or {"model.onnx": "0" * 64}), source={}, tokenizer=None,
+        custom_ops_used=[],
     )  # fmt: skip
     if target == "portable":
         return portable
+    graph = GraphFiles("model.onnx", None, sha256 or {"model.onnx": "0" * 64})
     return portable.derive(
-        target=target, passes=[], custom_ops_used=[], graph=GraphFiles("model.onnx", None, sha256 or {}), max_batch=8
+        target=target, passes=[], custom_ops_used=[], graph=graph, max_batch=8, last_token_logits=last_token
     )
 
 
-def write_bundle(path, target: str):
-    """A bundle directory that opens (manifest + a graph file matching its sha256); its graph is no real ONNX."""
+def write_bundle(path, target: str, last_token: bool = False):
+    """A bundle directory that opens (manifest + a graph file matching its sha256); its graph is an empty ONNX."""
     path.mkdir(parents=True)
-    (path / "model.onnx").write_bytes(b"not a graph: nothing here parses it")
-    make_manifest(target, {"model.onnx": sha256_file(path / "model.onnx")}).write(path)
+    manifest = make_manifest(target, None, last_token)
+    # Parses, with the manifest's I/O names and the position table Bundle.open looks for (n_positions rows); no
+    # node computes anything: nothing here runs it.
+    wpe = onnx.numpy_helper.from_array(np.zeros((CONFIG["n_positions"], 1), np.float32), "transformer.wpe.weight")
+
+    def value_infos(specs):
+        return [onnx.helper.make_tensor_value_info(t.name, ONNX_TENSOR_TYPES[t.dtype], t.shape) for t in specs]
+
+    graph = onnx.helper.make_graph([], "g", value_infos(manifest.inputs), value_infos(manifest.outputs), [wpe])
+    (path / "model.onnx").write_bytes(onnx.helper.make_model(graph).SerializeToString())
+    make_manifest(target, {"model.onnx": sha256_file(path / "model.onnx")}, last_token).write(path)
     return path
 
 
@@ -92,7 +107,8 @@ def test_mha_cache_profiles_keep_the_head_axis():
     "kwargs, message",
     [
         (dict(max_batch=9), "--max-batch 9 exceeds the bundle's batch range (max 8)"),
-        (dict(max_context=65), "--max-context 65 must be in 1..64"),
+        (dict(max_context=65), "--max-context 65 must be in 2..64"),
+        (dict(max_context=1), "--max-context 1 must be in 2..64 (a decode step needs one past token and one new one"),
         (dict(max_prompt=40, max_context=32), "--max-prompt 40 must be in 1..--max-context (32)"),
     ],
 )
@@ -124,7 +140,8 @@ def test_a_refused_input_shape_names_the_tensor_shape_and_range():
 
 # --- metadata, paths, I/O ---------------------------------------------------------------------------------------
 def test_engine_metadata_compatibility_names_the_mismatch(tmp_path):
-    meta = EngineMetadata("10.13.0", "NVIDIA H100", [9, 0], {"model.onnx": "abc"}, [], {}, 1.0)
+    limits = {"max_batch": 4, "max_prompt": 8, "max_context": 32}
+    meta = EngineMetadata("10.13.0", "NVIDIA H100", [9, 0], {"model.onnx": "abc"}, [], limits, 1.0)
     check_compatible(meta, "10.13.0", (9, 0), {"model.onnx": "abc"})
     with pytest.raises(BigCodeError, match="built with TensorRT 10.13.0, this is TensorRT 11.0.0"):
         check_compatible(meta, "11.0.0", (9, 0), {"model.onnx": "abc"})
@@ -138,10 +155,14 @@ def test_engine_metadata_compatibility_names_the_mismatch(tmp_path):
     path.write_text("{")
     with pytest.raises(BigCodeError, match="not a readable engine description"):
         EngineMetadata.read(path)
+    path.write_text(json.dumps(meta.__dict__ | {"limits": {"max_batch": 4}}))
+    with pytest.raises(BigCodeError, match="records no integer limits"):
+        EngineMetadata.read(path)
 
 
 def test_engine_paths_and_io_mapping():
     assert engine_dir("b", (9, 0), "10.13.0").as_posix() == "b/engine/sm90-trt10.13.0"
+    assert engine_dir("b", (9, 0), "10.13.0", "NVIDIA H200").as_posix() == "b/engine/sm90-nvidia-h200-trt10.13.0"
     bindings = {b.name: b for b in io_bindings(make_manifest())}
     assert bindings["input_ids"] == TensorBinding("input_ids", "input", "INT64", np.dtype(np.int64))
     assert bindings["present.0.key_value"].trt_dtype == "HALF" and bindings["logits"].mode == "output"
@@ -255,7 +276,9 @@ class FakeCudart(types.SimpleNamespace):
         kinds = types.SimpleNamespace(
             cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3, cudaMemcpyDefault=4
         )
-        super().__init__(cudaMemcpyKind=kinds, cudaStreamNonBlocking=1, fail=fail, blocks={}, calls=[])
+        super().__init__(
+            cudaMemcpyKind=kinds, cudaStreamNonBlocking=1, fail=fail, blocks={}, calls=[], streams=[], next_stream=100
+        )
 
     def _result(self, name, *values):
         self.calls.append(name)
@@ -268,25 +291,29 @@ class FakeCudart(types.SimpleNamespace):
         return (0, b"out of memory")
 
     def cudaMalloc(self, size):
-        block = ctypes.create_string_buffer(size)
-        self.blocks[ctypes.addressof(block)] = block
-        return self._result("cudaMalloc", ctypes.addressof(block))
+        block = ctypes.create_string_buffer(size + cuda.ALIGNMENT)  # cudaMalloc's addresses are 256-byte aligned
+        address = -(-ctypes.addressof(block) // cuda.ALIGNMENT) * cuda.ALIGNMENT
+        self.blocks[address] = block
+        return self._result("cudaMalloc", address)
 
     def cudaFree(self, ptr):
         del self.blocks[ptr]
         return self._result("cudaFree")[:1]
 
     def cudaMemcpyAsync(self, dst, src, count, kind, stream):
+        self.streams.append(("cudaMemcpyAsync", stream))
         ctypes.memmove(dst, src, count)
         return self._result("cudaMemcpyAsync")[:1]
 
     def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        self.streams.append(("cudaMemcpy2DAsync", stream))
         for row in range(height):
             ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
         return self._result("cudaMemcpy2DAsync")[:1]
 
     def cudaStreamCreateWithFlags(self, flags):
-        return self._result("cudaStreamCreateWithFlags", 0)
+        self.next_stream += 1  # a distinct handle per stream, so a test can tell which stream a call used
+        return self._result("cudaStreamCreateWithFlags", self.next_stream)
 
     def cudaStreamSynchronize(self, stream):
         return self._result("cudaStreamSynchronize")[:1]
@@ -367,7 +394,7 @@ def test_engine_build_and_parity_on_gpu(tmp_path):
     plan = build_engine_for(portable, lower_to=tmp_path / "trt", max_batch=4, max_prompt=16, max_context=64,
                             progress=quiet)  # fmt: skip
     assert plan.is_file() and plan.is_relative_to(tmp_path / "trt")
-    report = verify_bundle(tmp_path / "trt", backend="tensorrt", steps=3)
+    report = verify_bundle(tmp_path / "trt", backend="tensorrt")
     assert report.ok, report.table()
 
 
@@ -376,10 +403,10 @@ class FakeEngine:
     """A deserialized engine over a manifest's I/O: shapes are inferred as the graph would, outputs filled with
     known values (logits[b, t, v] = 1000 b + 10 t + v % 10, presents = layer index)."""
 
-    def __init__(self, trt, manifest, profiles, io=None, context=True):
+    def __init__(self, trt, manifest, profiles, io=None, context=True, num_profiles=2):
         self.trt, self.manifest, self.profiles = trt, manifest, profiles
         self.io = io or {b.name: (b.mode, b.trt_dtype) for b in io_bindings(manifest)}
-        self.make_context = context
+        self.make_context, self.num_optimization_profiles = context, num_profiles
 
     num_io_tensors = property(lambda self: len(self.io))
 
@@ -399,8 +426,10 @@ class FakeEngine:
 class FakeContext:
     def __init__(self, engine):
         self.engine, self.profile, self.shapes, self.addresses, self.executed = engine, 0, {}, {}, []
+        self.streams = []  # (call, stream handle) of every call that takes a stream
 
     def set_optimization_profile_async(self, index, stream):
+        self.streams.append(("set_optimization_profile_async", stream))
         self.profile = index
         return True
 
@@ -414,7 +443,8 @@ class FakeContext:
     def get_tensor_shape(self, name):
         batch, seq = self.shapes["input_ids"]
         if name == "logits":
-            return (batch, seq, self.engine.manifest.config["vocab_size"])
+            positions = 1 if self.engine.manifest.logits_positions == "last" else seq
+            return (batch, positions, self.engine.manifest.config["vocab_size"])
         past = self.shapes[name.replace("present", "past_key_values")]
         return (batch, past[1] + seq, past[2])
 
@@ -423,6 +453,7 @@ class FakeContext:
         return True
 
     def execute_async_v3(self, stream):
+        self.streams.append(("execute_async_v3", stream))
         self.executed.append(dict(self.addresses))
         for name in self.engine.manifest.output_names:
             shape = self.get_tensor_shape(name)
@@ -447,23 +478,30 @@ def fake_tensorrt(engine_factory):
 
 @pytest.fixture
 def fake_engine_bundle(tmp_path, monkeypatch, fake_cudart):
-    """A tensorrt bundle with an engine directory for the fake GPU (sm90) and TensorRT 10.99.0."""
+    """Factory: a tensorrt bundle with an engine directory for the fake GPU ("Fake GPU", sm90) and TensorRT 10.99.0,
+    and the fake TensorRT that loads it. last_token: a last-token-logits bundle; meta: engine.json fields to
+    change; engine_limits: the limits the fake engine's profiles really have (default: engine.json's)."""
     from bigcode_deploy.runtime.tensorrt_build import write_engine
 
     fake_cudart.cudaGetDeviceCount = lambda: (0, 1)
     props = types.SimpleNamespace(name=b"Fake GPU\0\0", major=9, minor=0)
     fake_cudart.cudaGetDeviceProperties = lambda device: (0, props)
-    bundle = Bundle.open(write_bundle(tmp_path / "t", "tensorrt"))
-    manifest = bundle.manifest
-    limits = EngineLimits(max_batch=4, max_prompt=8, max_context=32)
-    profiles = derive_profiles(manifest, limits)
-    meta = EngineMetadata(
-        "10.99.0", "Fake GPU", [9, 0], dict(manifest.graph.sha256),
-        [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles], limits.__dict__, 0.0,
-    )  # fmt: skip
-    write_engine(engine_dir(bundle.path, (9, 0), "10.99.0"), b"plan", meta)
 
-    def install(**engine_kwargs):
+    def install(last_token=False, meta=None, engine_limits=None, **engine_kwargs):
+        bundle = Bundle.open(write_bundle(tmp_path / "t", "tensorrt", last_token))
+        manifest = bundle.manifest
+        limits = EngineLimits(max_batch=4, max_prompt=8, max_context=32)
+        profiles = derive_profiles(manifest, limits)
+        record = EngineMetadata(
+            "10.99.0", "Fake GPU", [9, 0], dict(manifest.graph.sha256),
+            [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles], limits.__dict__, 0.0,
+        )  # fmt: skip
+        for field_name, value in (meta or {}).items():
+            setattr(record, field_name, value)
+        model = "Fake GPU" if record.hardware_compatibility == "NONE" else None  # default engines: per GPU model
+        write_engine(engine_dir(bundle.path, (9, 0), "10.99.0", model), b"plan", record)
+        if engine_limits is not None:
+            profiles = derive_profiles(manifest, engine_limits)
         factory = engine_kwargs.pop("factory", None) or (
             lambda trt: FakeEngine(trt, manifest, profiles, **engine_kwargs)
         )
@@ -473,7 +511,7 @@ def fake_engine_bundle(tmp_path, monkeypatch, fake_cudart):
     return install
 
 
-def test_backend_binds_distinct_dummies_steps_and_selects_rows(fake_engine_bundle):
+def test_backend_binds_distinct_dummies_steps_and_selects_rows(fake_engine_bundle, fake_cudart):
     from bigcode_deploy.runtime.tensorrt import TensorRTBackend
 
     bundle = fake_engine_bundle()
@@ -492,13 +530,75 @@ def test_backend_binds_distinct_dummies_steps_and_selects_rows(fake_engine_bundl
         assert kept[1].shape == (1, 3, 16) and np.all(cuda.to_host(kept[1], backend.stream) == 1)
         logits, cache = backend.step(np.array([[4]]), np.ones((1, 4), np.int64), np.array([[3]]), kept)
         assert backend.context.profile == DECODE and [c.shape for c in cache] == [(1, 4, 16), (1, 4, 16)]
-        with pytest.raises(BigCodeError) as err:  # 9 new tokens: beyond the prefill profile's 8
+        executed = len(backend.context.executed)
+        with pytest.raises(BigCodeError) as err:  # 9 new tokens: beyond --max-prompt 8, refused before TensorRT
             backend.step(np.ones((1, 9), np.int64), np.ones((1, 9), np.int64), np.ones((1, 9), np.int64),
                          backend.empty_cache(1))  # fmt: skip
-        assert str(err.value).startswith("TensorRT refused shape (1, 9) for input input_ids: the engine's prefill")
-        assert "allows (1, 1) to (4, 8)" in str(err.value)
+        assert str(err.value) == (
+            "the engine cannot run this step (a prompt of 9 tokens exceeds --max-prompt 8): rebuild it with larger "
+            "limits (`bigcode-deploy build-engine`)"
+        )
+        assert len(backend.context.executed) == executed
         outputs = backend.run({"input_ids": ids, "attention_mask": mask, "position_ids": mask, **bundle.empty_past(2)})
         assert outputs["logits"].dtype == np.float32 and outputs["present.0.key_value"].shape == (2, 3, 16)
+        # Point 1: every copy, profile switch and execution went on the backend's one stream.
+        used = {stream for _, stream in fake_cudart.streams + backend.context.streams}
+        assert used == {backend.stream.raw} and backend.stream.handle == backend.stream.raw
+        calls = {call for call, _ in fake_cudart.streams + backend.context.streams}
+        assert calls == {"cudaMemcpyAsync", "cudaMemcpy2DAsync", "set_optimization_profile_async", "execute_async_v3"}
+        # Every bound address is 256-byte aligned; a misaligned one is refused before TensorRT sees it.
+        assert all(a % cuda.ALIGNMENT == 0 for step in backend.context.executed for a in step.values())
+        with pytest.raises(BigCodeError, match="the address 0x[0-9a-f]+ of tensor logits is not 256-byte aligned"):
+            backend._bind("logits", backend.dummies["logits"] + 8)
+
+
+@pytest.mark.parametrize(
+    "ids_shape, past, message",
+    [
+        ((5, 1), 3, "batch 5 exceeds --max-batch 4"),
+        ((1, 1), 32, "a context of 33 tokens exceeds --max-context 32"),
+        ((1, 2), 3, "a cached step of 2 tokens: the decode profile takes one new token per step"),
+    ],
+)
+def test_steps_beyond_the_engines_limits_are_refused_before_tensorrt(fake_engine_bundle, ids_shape, past, message):
+    from bigcode_deploy.runtime.tensorrt import TensorRTBackend
+
+    bundle = fake_engine_bundle()
+    with TensorRTBackend(bundle) as backend:
+        batch, seq = ids_shape
+        cache = [cuda.DeviceBuffer((batch, past, 16), np.float16) for _ in bundle.past_names()]
+        ones = np.ones(ids_shape, np.int64)
+        with pytest.raises(BigCodeError) as err:
+            backend.step(ones, np.ones((batch, past + seq), np.int64), ones, cache)
+        assert message in str(err.value) and "\n" not in str(err.value)
+        assert backend.context.executed == []
+
+
+def test_a_shape_the_engines_profile_refuses_names_tensor_and_range(fake_engine_bundle):
+    """set_input_shape returns False (the binding does not raise): the message names the tensor and the range."""
+    from bigcode_deploy.runtime.tensorrt import TensorRTBackend
+
+    # engine.json says batch 4, the engine's profiles really stop at 2: TensorRT is what refuses batch 3.
+    bundle = fake_engine_bundle(engine_limits=EngineLimits(max_batch=2, max_prompt=8, max_context=32))
+    with TensorRTBackend(bundle) as backend:
+        ones = np.ones((3, 2), np.int64)
+        with pytest.raises(BigCodeError) as err:
+            backend.step(ones, ones, ones, backend.empty_cache(3))
+    assert str(err.value).startswith("TensorRT refused shape (3, 2) for input input_ids: the engine's prefill")
+    assert "allows (1, 1) to (4, 8)" in str(err.value)  # the range engine.json records
+
+
+def test_last_token_logits_engine_steps(fake_engine_bundle):
+    """A tensorrt bundle (always last-token logits): logits (batch, 1, vocab) come back as each row's (B, vocab)."""
+    from bigcode_deploy.runtime.tensorrt import TensorRTBackend
+
+    bundle = fake_engine_bundle(last_token=True)
+    assert bundle.manifest.output("logits").shape == ["batch", 1, 100]
+    with TensorRTBackend(bundle) as backend:
+        ids = np.array([[5, 6, 7], [8, 9, 1]])
+        logits, cache = backend.step(ids, np.ones_like(ids), np.ones_like(ids), backend.empty_cache(2))
+        assert logits.shape == (2, 100) and logits[1, 3] == 1000 + 3  # row 1, its one (last) position t = 0
+        assert [c.shape for c in cache] == [(2, 3, 16), (2, 3, 16)]
 
 
 @pytest.mark.parametrize(
@@ -507,6 +607,12 @@ def test_backend_binds_distinct_dummies_steps_and_selects_rows(fake_engine_bundl
         (dict(factory=lambda trt: None), "TensorRT could not deserialize"),
         (dict(context=False), "TensorRT could not create an execution context"),
         (dict(io={"input_ids": ("input", "INT32")}), "I/O does not match the manifest"),
+        (dict(num_profiles=1), "has 1 optimization profiles where 2 (prefill, decode) are needed"),
+        (
+            dict(meta={"gpu_name": "Other GPU"}),
+            "the engine was built on Other GPU and this GPU is Fake GPU: TensorRT promises a default engine only on",
+        ),
+        (dict(meta={"hardware_compatibility": "AMPERE_PLUS"}), "records hardware compatibility 'AMPERE_PLUS'"),
     ],
 )
 def test_backend_refuses_an_unloadable_engine_in_one_line(fake_engine_bundle, engine, message):
@@ -517,3 +623,253 @@ def test_backend_refuses_an_unloadable_engine_in_one_line(fake_engine_bundle, en
         TensorRTBackend(bundle).__enter__()
     assert message in str(err.value) and "\n" not in str(err.value)
     assert "build-engine" in str(err.value)
+
+
+# --- the builder against a fake TensorRT (no GPU): timing cache, profiles, hardware level, metadata ---------------
+class FakeBuild:
+    """What one fake build saw and how TensorRT behaves: accept_cache (set_timing_cache's result), give_cache
+    (get_timing_cache returns one), refuse_profile (the index add_optimization_profile refuses with -1),
+    output_shapes (the parsed network's output dims by name)."""
+
+    def __init__(self, manifest, **behaviour):
+        self.manifest = manifest
+        self.accept_cache, self.give_cache, self.refuse_profile = True, True, None
+        self.output_shapes: dict[str, tuple] = {}
+        self.__dict__.update(behaviour)
+        self.loggers, self.cache_read, self.config = 0, None, None
+
+
+def fake_build_tensorrt(build: FakeBuild, version="10.99.0", same_cc_level=True):
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            build.loggers += 1
+
+    trt.Logger = Logger
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+    trt.ProfilingVerbosity = types.SimpleNamespace(DETAILED="DETAILED")
+    if same_cc_level:
+        trt.HardwareCompatibilityLevel = types.SimpleNamespace(NONE="NONE", SAME_COMPUTE_CAPABILITY="SAME_CC")
+
+    def tensor(spec, trt_dtype):
+        shape = build.output_shapes.get(spec.name, tuple(d if isinstance(d, int) else -1 for d in spec.shape))
+        return types.SimpleNamespace(name=spec.name, dtype=types.SimpleNamespace(name=trt_dtype), shape=shape)
+
+    bindings = {b.name: b.trt_dtype for b in io_bindings(build.manifest)}
+    inputs = [tensor(spec, bindings[spec.name]) for spec in build.manifest.inputs]
+    outputs = [tensor(spec, bindings[spec.name]) for spec in build.manifest.outputs]
+    network = types.SimpleNamespace(
+        num_inputs=len(inputs), get_input=inputs.__getitem__, num_outputs=len(outputs), get_output=outputs.__getitem__
+    )
+
+    class Cache:
+        def __init__(self, data):
+            self.data = data
+
+        def serialize(self):
+            return self.data + b"+timings"
+
+    class Config:
+        def __init__(self):
+            self.profiles, self.cache = [], None
+            build.config = self
+
+        def set_memory_pool_limit(self, pool, size):
+            self.workspace = size
+
+        def create_timing_cache(self, data):
+            build.cache_read = bytes(data)
+            return Cache(bytes(data))
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache, self.ignore_mismatch = cache, ignore_mismatch
+            return build.accept_cache
+
+        def get_timing_cache(self):
+            return self.cache if build.give_cache else None
+
+        def add_optimization_profile(self, profile):
+            if len(self.profiles) == build.refuse_profile:
+                return -1
+            self.profiles.append(profile)
+            return len(self.profiles) - 1
+
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags):
+            return network
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            profile = types.SimpleNamespace(shapes={})
+            profile.set_shape = lambda name, low, opt, high: profile.shapes.__setitem__(name, (low, opt, high))
+            return profile
+
+        def build_serialized_network(self, network, config):
+            return b"the plan"
+
+    trt.Builder = Builder
+    trt.OnnxParser = lambda network, logger: types.SimpleNamespace(parse_from_file=lambda path: True)
+    return trt
+
+
+@pytest.fixture
+def fake_builder(tmp_path, monkeypatch, fake_cudart):
+    """Factory: (a tensorrt bundle, its FakeBuild) with a fake TensorRT installed for the fake GPU "Fake GPU" sm90."""
+    fake_cudart.cudaGetDeviceCount = lambda: (0, 1)
+    props = types.SimpleNamespace(name=b"Fake GPU\0", major=9, minor=0)
+    fake_cudart.cudaGetDeviceProperties = lambda device: (0, props)
+    bundle = Bundle.open(write_bundle(tmp_path / "t", "tensorrt", last_token=True))
+
+    def install(version="10.99.0", same_cc_level=True, **behaviour):
+        build = FakeBuild(bundle.manifest, **behaviour)
+        monkeypatch.setitem(sys.modules, "tensorrt", fake_build_tensorrt(build, version, same_cc_level))
+        return bundle.path, build
+
+    return install
+
+
+def build(bundle_path, **kwargs):
+    return build_engine(bundle_path, max_batch=4, max_prompt=8, max_context=32, progress=quiet, **kwargs)
+
+
+def test_build_writes_plan_metadata_and_a_timing_cache_keyed_by_gpu_and_version(fake_builder, tmp_path):
+    bundle_path, state = fake_builder()
+    caches = tmp_path / "caches"
+    plan = build(bundle_path, timing_cache=caches)
+    assert plan.read_bytes() == b"the plan"
+    meta = EngineMetadata.read(plan.parent / "engine.json")
+    assert (meta.gpu_name, meta.compute_capability, meta.hardware_compatibility) == ("Fake GPU", [9, 0], "NONE")
+    assert plan.parent.name == "sm90-fake-gpu-trt10.99.0"  # a default engine: its GPU model's own directory
+    assert meta.profiles[1]["attention_mask"] == [[1, 2], [2, 17], [4, 32]]  # decode: past + 1 within the context
+    cache = caches / "sm90-fake-gpu-trt10.99.0.timing-cache"
+    assert sorted(p.name for p in caches.iterdir()) == [cache.name]  # nothing half-written beside it
+    assert state.cache_read == b"" and cache.read_bytes() == b"+timings" and state.config.ignore_mismatch is False
+    assert [p.shapes["input_ids"] for p in state.config.profiles] == [
+        ((1, 1), (2, 4), (4, 8)),
+        ((1, 1), (2, 1), (4, 1)),
+    ]
+    build(bundle_path, timing_cache=caches)  # the second build reads the first one's timings
+    assert state.cache_read == b"+timings" and cache.read_bytes() == b"+timings+timings"
+    assert state.loggers == 1  # one trt.Logger for the process, not one per build
+    assert not hasattr(state.config, "hardware_compatibility_level") and not hasattr(
+        state.config, "profiling_verbosity"
+    )
+    assert timing_cache_file("d", "NVIDIA H100 80GB HBM3", (9, 0), "10.13.0").as_posix() == (
+        "d/sm90-nvidia-h100-80gb-hbm3-trt10.13.0.timing-cache"
+    )
+
+
+def test_build_for_the_same_compute_capability_records_the_level(fake_builder):
+    bundle_path, state = fake_builder()
+    plan = build(bundle_path, same_compute_capability=True, detailed_profile=True)
+    assert state.config.hardware_compatibility_level == "SAME_CC" and state.config.profiling_verbosity == "DETAILED"
+    meta = EngineMetadata.read(plan.parent / "engine.json")
+    assert meta.hardware_compatibility == "SAME_COMPUTE_CAPABILITY"
+    assert plan.parent.name == "sm90-trt10.99.0"  # shared by every GPU of the architecture
+    check_compatible(meta, "10.99.0", (9, 0), meta.graph_sha256, "Another GPU of sm90")  # promised: loads
+    bundle_path, _ = fake_builder(same_cc_level=False)
+    with pytest.raises(BigCodeError, match="TensorRT 10.99.0 has no HardwareCompatibilityLevel.SAME_COMPUTE_CAP"):
+        build(bundle_path, same_compute_capability=True)
+
+
+@pytest.mark.parametrize(
+    "behaviour, message",
+    [
+        (dict(accept_cache=False), "TensorRT refused the timing cache "),
+        (dict(refuse_profile=1), "TensorRT refused the decode optimization profile (index -1, expected 1): input_ids"),
+        (
+            dict(output_shapes={"logits": (-1, 5, 100)}),
+            "the parsed network's output shapes differ from the manifest (logits is (-1, 5, 100), the manifest says "
+            "('batch', 1, 100))",
+        ),
+        (dict(version="10.8.0"), None),  # opset 18 parses on every 10.x
+        (dict(version="9.2.0"), "TensorRT version '9.2.0' is not 10.x or newer"),
+    ],
+)
+def test_build_refuses_what_tensorrt_refuses_in_one_line(fake_builder, tmp_path, behaviour, message):
+    bundle_path, _ = fake_builder(**behaviour)
+    if message is None:
+        assert build(bundle_path).is_file()
+        return
+    with pytest.raises(BigCodeError) as err:
+        build(bundle_path, timing_cache=tmp_path / "caches")
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (bundle_path / "engine").exists()
+
+
+def test_a_missing_timing_cache_after_the_build_is_said_not_crashed(fake_builder, tmp_path):
+    bundle_path, _ = fake_builder(give_cache=False)
+    said = []
+    plan = build_engine(bundle_path, max_batch=4, timing_cache=tmp_path / "caches", progress=said.append)
+    assert plan.is_file() and not (tmp_path / "caches").exists()
+    assert any(line.startswith("TensorRT returned no timing cache after the build:") for line in said)
+
+
+def test_engine_metadata_of_older_builds_reads_as_this_gpu_model_only(tmp_path):
+    limits = {"max_batch": 4, "max_prompt": 8, "max_context": 32}
+    meta = EngineMetadata("10.13.0", "NVIDIA H100", [9, 0], {"model.onnx": "abc"}, [], limits, 1.0)
+    raw = dict(meta.__dict__)
+    del raw["hardware_compatibility"]  # an engine.json written before the field existed
+    path = tmp_path / "engine.json"
+    path.write_text(json.dumps(raw))
+    assert EngineMetadata.read(path).hardware_compatibility == "NONE"
+    check_compatible(meta, "10.13.0", (9, 0), {"model.onnx": "abc"}, "NVIDIA H100")
+    with pytest.raises(BigCodeError, match="built on NVIDIA H100 and this GPU is NVIDIA H200"):
+        check_compatible(meta, "10.13.0", (9, 0), {"model.onnx": "abc"}, "NVIDIA H200")
+
+
+# --- scripts/gpu_check.py's TensorRT part: "not checked" with the reason, never an abort ---------------------------
+def _gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[2] / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_says_not_checked_for_a_stub_wheel_or_no_device(monkeypatch, fake_cudart, capsys, tmp_path):
+    gpu_check = _gpu_check_module()
+    stub = types.ModuleType("tensorrt")  # what a stub wheel's failing import can leave: anything may raise
+
+    def broken(name):
+        raise RuntimeError("the tensorrt stub could not download its libraries\nmore lines")
+
+    stub.__getattr__ = broken
+    monkeypatch.setitem(sys.modules, "tensorrt", stub)
+    monkeypatch.setattr("bigcode_deploy.runtime.tensorrt_engine.require_tensorrt", lambda: stub.__version__)
+    assert gpu_check.tensorrt_check(tmp_path / "b", tmp_path / "trt") is True
+    assert capsys.readouterr().out == "TensorRT: not checked: the tensorrt stub could not download its libraries\n"
+    monkeypatch.undo()
+    fake_cudart.cudaGetDeviceCount = lambda: (0, 0)
+    monkeypatch.setattr(cuda, "cudart", lambda: fake_cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    assert gpu_check.tensorrt_check(tmp_path / "b", tmp_path / "trt") is True
+    out = capsys.readouterr().out
+    assert (
+        out.startswith("TensorRT: not checked: TensorRT is installed but no CUDA device is visible")
+        and out.count("\n") == 1
+    )
+    assert not (tmp_path / "trt").exists()
+
+
+def test_the_manifest_records_the_attention_scale_form_and_refuses_others():
+    manifest = make_manifest()
+    assert manifest.attention_scale == "softmax-unscale"  # the export's form, also for manifests written before
+    derived = manifest.derive(target="tensorrt", passes=[], custom_ops_used=[], graph=manifest.graph,
+                              attention_scale="query")  # fmt: skip
+    assert Manifest.from_json(derived.to_json()).attention_scale == "query"
+    raw = derived.to_json()
+    del raw["attention_scale"]
+    assert Manifest.from_json(raw).attention_scale == "softmax-unscale"
+    raw["attention_scale"] = "on-k"
+    with pytest.raises(BigCodeError, match="attention_scale is 'on-k', not one of softmax-unscale, query"):
+        Manifest.from_json(raw)
