@@ -9,7 +9,10 @@ assigned as read, so peak memory stays near one copy of the weights in the targe
 from __future__ import annotations
 
 import json
+import math
+import pickle
 import re
+import zipfile
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -21,9 +24,12 @@ from torch import nn
 
 from bigcode_deploy.exporter.config import GPTBigCodeConfig
 from bigcode_deploy.exporter.dtypes import TORCH_DTYPES
+from bigcode_deploy.exporter.json_file import read_json
 from bigcode_deploy.exporter.model import build_model
+from bigcode_deploy.exporter.santacoder_format import SANTACODER_FORMAT, WeightMapper
 from bigcode_deploy.runtime.errors import CheckpointError, ConfigError
 from bigcode_deploy.runtime.hashing import sha256_files
+from bigcode_deploy.runtime.manifest_schema import short
 
 # Keys a checkpoint may hold that no task here loads: buffers older transformers saved, and the heads of
 # other tasks (a causal-lm file loaded as a base model, say).
@@ -38,6 +44,8 @@ BASE_KEY = re.compile(r"^(wte|wpe|ln_f|h\.\d+)\.")
 
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+MAX_INDEX_BYTES = 64 << 20  # a shard index (StarCoder's: 60 kB)
+LAYER_KEY = re.compile(r"(?:^|\.)h\.(\d{1,9})\.")  # the layer number in a block's tensor name
 
 
 def default_model_dir() -> Path:
@@ -56,13 +64,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     for name in INDEX_FILES:
         index_path = model_dir / name
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(
-                    f"{index_path} is not a valid shard index ({exc!r}): re-save the checkpoint"
-                ) from None
-            shards = sorted(set(weight_map.values()))
+            shards = index_shards(index_path)
             missing = [s for s in shards if not (model_dir / s).is_file()]
             if missing:
                 raise CheckpointError(f"{index_path} names shard {missing[0]}, which is not in {model_dir}")
@@ -71,6 +73,29 @@ def weight_files(model_dir: Path) -> list[Path]:
         if (model_dir / name).is_file():
             return [model_dir / name]
     raise CheckpointError(f"no weights in {model_dir}: expected one of {', '.join(SINGLE_FILES + INDEX_FILES)}")
+
+
+def index_shards(index_path: Path) -> list[str]:
+    """The shard file names a shard index's weight_map names, sorted. Raises CheckpointError (one line) unless the
+    file is a JSON object whose weight_map maps tensor names (strings) to plain file names of this directory with
+    the index's own suffix (no directory part: a shard never comes from outside the checkpoint)."""
+    fix = "re-save the checkpoint (transformers' save_pretrained writes a valid one)"
+    raw = read_json(index_path, limit=MAX_INDEX_BYTES, error=CheckpointError, fix=fix)
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"{index_path} is not a shard index: it needs a non-empty object weight_map of tensor name -> shard "
+            f"file; {fix}"
+        )
+    suffix = ".safetensors" if index_path.name.startswith("model.safetensors") else ".bin"
+    for name, shard in weight_map.items():
+        plain = isinstance(shard, str) and shard == Path(shard).name and shard not in ("", ".", "..")
+        if not plain or not shard.endswith(suffix) or "\0" in shard:
+            raise CheckpointError(
+                f"{index_path}: weight_map[{short(name)}] = {short(shard)} is not a {suffix} file name in the "
+                f"checkpoint directory; {fix}"
+            )
+    return sorted(set(weight_map.values()))
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -90,6 +115,19 @@ def checkpoint_sha256(model_dir: str | Path) -> dict[str, str]:
 def source_record(model_dir: str | Path) -> dict[str, Any]:
     """The manifest's `source`: the checkpoint directory (resolved, absolute) and its files' sha256."""
     return {"model_dir": str(Path(model_dir).resolve()), "sha256": checkpoint_sha256(model_dir)}
+
+
+def check_same_model(model_dir: str | Path, bundle_config: dict[str, Any]) -> None:
+    """Raise CheckpointError (one line, before any weight is read) unless model_dir's config.json describes the
+    bundle's model: the same vocabulary, context, width, layers, heads and attention kind. A checkpoint of another
+    vocabulary given to `verify --model` is refused here, by name, rather than by a failed comparison later."""
+    config = GPTBigCodeConfig.from_json_file(Path(model_dir) / "config.json")
+    for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "multi_query"):
+        if getattr(config, name) != bundle_config.get(name):
+            raise CheckpointError(
+                f"{model_dir} holds another model: its config.json has {name}={getattr(config, name)}, the bundle's "
+                f"{short(bundle_config.get(name))}; pass the checkpoint the bundle was exported from"
+            )
 
 
 def check_source(model_dir: str | Path, source: dict[str, Any]) -> None:
@@ -128,15 +166,61 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot read {path}: {exc} (the file is truncated or corrupt; re-save it)") from None
+            raise CheckpointError(
+                f"cannot read {path}: {_first_line(exc)} (the file is truncated or corrupt; re-save it)"
+            ) from None
         return
+    yield from _torch_state_dict(path).items()
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every tensor in one weight file, without reading tensor data: safetensors' header, or a
+    torch file's pickle (its storages memory-mapped, or a legacy file's read once). Raises CheckpointError as
+    iter_tensors does."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"cannot read {path}: {_first_line(exc)} (the file is truncated or corrupt; re-save it)"
+            ) from None
+    return {name: tuple(t.shape) for name, t in _torch_state_dict(path).items()}
+
+
+def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model.bin's state dict, loaded with weights_only (tensors and plain containers, never code):
+    memory-mapped for the zip format torch.save writes since 1.6, read into memory for the legacy format."""
+    zip_format = zipfile.is_zipfile(path)
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zip_format)
     except Exception as exc:  # torch.load raises many types for a damaged file
-        raise CheckpointError(f"cannot read {path}: {exc} (the file is truncated or corrupt; re-save it)") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state dict")
-    yield from state.items()
+        text = str(exc)
+        refused = re.search(r"GLOBAL (\S+)", text)  # weights_only refused a global: loading it would run code
+        if isinstance(exc, pickle.UnpicklingError) and (refused or "Can only build" in text):
+            what = f" ({short(refused.group(1))})" if refused else ""
+            raise CheckpointError(
+                f"cannot read {path}: it holds Python objects{what} besides tensors, which are not loaded since a "
+                "pickle can run code; convert the checkpoint to model.safetensors from a copy you trust"
+            ) from None
+        # torch's weights_only message advises turning weights_only off: never repeated here
+        operand = re.search(r"Unsupported operand \S+", text)
+        reason = operand.group(0) if operand else "not a pickle" if "Weights only" in text else _first_line(exc)
+        kind = "zip-format torch file" if zip_format else "torch file (neither zip nor legacy format)"
+        raise CheckpointError(
+            f"cannot read {path} as a {kind}: {reason} (the file is truncated or corrupt; re-save it)"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path} does not hold a state dict (tensor names -> tensors); re-save the checkpoint")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message cut to one short line (library messages span lines and quote whole files)."""
+    text = str(exc).strip()
+    return short(text.splitlines()[0]).strip("'\"") if text else type(exc).__name__
 
 
 def canonical_key(name: str, has_base_prefix: bool) -> str:
@@ -155,6 +239,8 @@ def load_model(
         raise CheckpointError(f"model directory {model_dir} does not exist")
     torch_dtype = parse_dtype(dtype)
     config = GPTBigCodeConfig.from_json_file(model_dir / "config.json")
+    files = weight_files(model_dir)
+    check_sizes(config, task, files)  # before building: n_layer = 10**7 or a vocabulary of 2**31 fails here, at once
     with torch.device("meta"):
         model = build_model(config, task)
     # Base model: its parameters carry no prefix; task models: "transformer." + base parameter names.
@@ -166,29 +252,38 @@ def load_model(
 
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
-    for path in weight_files(model_dir):
-        for raw_name, tensor in iter_tensors(path):
+    # The original SantaCoder format's names and Conv1D layouts are mapped onto GPTBigCode's as they are read.
+    mapper = WeightMapper(config.n_embd, config.head_dim) if config.source_format == SANTACODER_FORMAT else None
+    for path in files:
+        for raw_name, tensor in mapper(iter_tensors(path)) if mapper else iter_tensors(path):
             name = canonical_key(raw_name, has_base_prefix=prefixed)
             if not prefixed and name.startswith(BASE_PREFIX) and name[len(BASE_PREFIX) :] in expected:
                 name = name[len(BASE_PREFIX) :]
             if name not in expected:
                 if not any(p.match(name) or p.match(canonical_key(raw_name, True)) for p in IGNORED_KEYS):
-                    unexpected.append(f"{raw_name} (in {path.name})")
+                    unexpected.append(f"{printable(raw_name)} (in {path.name})")
                 continue
+            if not tensor.is_floating_point():
+                raise CheckpointError(
+                    f"tensor {printable(raw_name)} in {path.name} holds {str(tensor.dtype).removeprefix('torch.')} "
+                    "values: a weight must be floating point (float32, float16 or bfloat16); re-save the checkpoint"
+                )
             if tuple(tensor.shape) != tuple(expected[name]):
                 raise CheckpointError(
-                    f"tensor {raw_name} in {path.name} has shape {tuple(tensor.shape)} but config.json implies "
-                    f"{tuple(expected[name])}: the weights and config.json do not belong together"
+                    f"tensor {printable(raw_name)} in {path.name} has shape {tuple(tensor.shape)} but config.json "
+                    f"implies {tuple(expected[name])}: the weights and config.json do not belong together"
                 )
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 # Every weight, not only those the reference prompts reach: a NaN in a position embedding row
                 # past the prompts' lengths would pass any parity check and break generation later.
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise CheckpointError(
-                    f"tensor {raw_name} in {path.name} holds {bad} non-finite value(s) (NaN or inf): the checkpoint "
-                    "is broken; re-save it from a good copy"
+                    f"tensor {printable(raw_name)} in {path.name} holds {bad} non-finite value(s) (NaN or inf): the "
+                    "checkpoint is broken; re-save it from a good copy"
                 )
-            loaded[name] = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
+            loaded[name] = tensor.to(torch_dtype)
+    if mapper:
+        mapper.finish()
     if unexpected:
         raise CheckpointError(
             f"unexpected tensor {unexpected[0]}"
@@ -207,6 +302,64 @@ def load_model(
         model.tie_weights()
     model.eval()
     return model, config
+
+
+def check_sizes(config: GPTBigCodeConfig, task: str, files: list[Path]) -> None:
+    """config.json's sizes against the weight files' headers (tensor_shapes: no tensor data read), before any model
+    is built, so that building costs what the files hold: the number of layers (h.N) must be n_layer, wte must be
+    (vocab_size, n_embd), wpe (n_positions, n_embd), layer 0's c_fc hold n_inner * n_embd values and a task head
+    (lm_head, score, classifier) its rows * n_embd (element counts: the original SantaCoder format stores c_fc
+    transposed). Raises CheckpointError naming the tensor, its file, the shapes and the config fields."""
+    shapes: dict[str, tuple[str, tuple[int, ...]]] = {}  # tensor name -> (file name, shape)
+    for path in files:
+        shapes.update((name, (path.name, shape)) for name, shape in tensor_shapes(path).items())
+    layers = {int(m.group(1)) for name in shapes if (m := LAYER_KEY.search(name))}
+    if len(layers) != config.n_layer:
+        raise CheckpointError(
+            f"config.json declares n_layer={config.n_layer} but the weight files in {files[0].parent} "
+            f"({', '.join(p.name for p in files)}) "
+            f"hold {len(layers)} layer(s): the weights and config.json do not belong together"
+        )
+    E = config.n_embd
+    exact = {
+        "wte.weight": ((config.vocab_size, E), "vocab_size, n_embd"),
+        "wpe.weight": ((config.n_positions, E), "n_positions, n_embd"),
+    }
+    rows = {"h.0.mlp.c_fc.weight": (config.n_inner, "n_inner")}
+    rows.update(
+        {
+            "causal-lm": {"lm_head.weight": (config.vocab_size, "vocab_size")},
+            "sequence-classification": {"score.weight": (config.num_labels, "num_labels")},
+            "token-classification": {"classifier.weight": (config.num_labels, "num_labels")},
+        }.get(task, {})
+    )
+    for key in [*exact, *rows]:
+        name = next((n for n in (BASE_PREFIX + key, key) if n in shapes), None)
+        if name is None:
+            if key in exact:  # every GPTBigCode checkpoint has the embeddings; without them no size can be trusted
+                raise CheckpointError(
+                    f"tensor {BASE_PREFIX}{key} is missing from {', '.join(p.name for p in files)}: the checkpoint "
+                    "does not hold a GPTBigCode model"
+                )
+            continue
+        file, shape = shapes[name]
+        if key in exact:
+            want, fields = exact[key]
+            ok = shape == want
+        else:
+            count, fields = rows[key]
+            want, ok = (count, E), len(shape) >= 1 and math.prod(shape) == count * E
+        if not ok:
+            raise CheckpointError(
+                f"tensor {printable(name)} in {file} has shape {shape} but config.json implies {want} "
+                f"({', '.join(f'{f}={getattr(config, f)}' for f in fields.split(', '))}): the weights and config.json "
+                "do not belong together"
+            )
+
+
+def printable(name: str) -> str:
+    """A tensor name from a file, for an error line: control and non-ASCII characters escaped, cut to 120."""
+    return name[:120].encode("unicode_escape").decode("ascii")
 
 
 def save_checkpoint(model: nn.Module, config: GPTBigCodeConfig, model_dir: str | Path) -> Path:

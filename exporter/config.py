@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from pathlib import Path
 from typing import Any
 
+from bigcode_deploy.exporter.json_file import read_json
 from bigcode_deploy.runtime.errors import ConfigError
+from bigcode_deploy.runtime.manifest import MAX_DIM, MAX_LAYERS
+from bigcode_deploy.runtime.manifest_schema import short
 
 # The activations transformers' ACT2FN maps for this model family; exporter.model implements each.
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "gelu_new", "gelu_fast", "relu", "silu", "swish", "quick_gelu")
+
+# The checkpoint formats config reading knows (recorded as the manifest's source.format).
+GPT_BIGCODE_FORMAT = "gpt_bigcode"
+
+# Every field the model or the export reads, by domain; validate() checks each at read, before any weight is loaded.
+SIZE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "num_labels")  # [1, MAX_DIM]
+FLAG_FIELDS = (  # JSON booleans only: "false" (a string) or 0 is refused, never read as a truth value
+    "scale_attn_weights",
+    "use_cache",
+    "attention_softmax_in_fp32",
+    "scale_attention_softmax_in_fp32",
+    "multi_query",
+    "tie_word_embeddings",
+    "add_cross_attention",
+)
+DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout")  # [0, 1]; classifier_dropout null
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # null or [0, vocab_size); eos also a list
+MAX_EOS_IDS = 64  # eos_token_id as a list: at most this many ids (the manifest's bound)
+MAX_CONFIG_BYTES = 8 << 20  # config.json (StarCoder's: 1 kB; an id2label of 100k labels: ~3 MB)
+CONFIG_FIX = "fix or re-save the checkpoint's config.json"
 
 # transformers' attribute_map for GPTBigCodeConfig: alias -> canonical field.
 ALIASES = {
@@ -50,9 +73,13 @@ class GPTBigCodeConfig:
     torch_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if self.n_inner is None:
-            self.n_inner = 4 * self.n_embd
+        # Not dataclass fields (no part of the model's definition), set by from_dict: every other field of
+        # config.json, kept for the manifest, and the checkpoint format it was read from (SOURCE_FORMATS).
+        self.extra: dict[str, Any] = {}
+        self.source_format: str = GPT_BIGCODE_FORMAT
         self.validate()
+        if self.n_inner is None:  # transformers' default, derived once the sizes are known to be integers
+            self.n_inner = 4 * self.n_embd
 
     # Derived fields: computed, never stored twice.
     @property
@@ -68,10 +95,37 @@ class GPTBigCodeConfig:
         return self.kv_heads * self.head_dim
 
     def validate(self) -> None:
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "num_labels"):
+        """Every field's type and range (see SIZE_FIELDS and below). Raises ConfigError naming the field, its value
+        and the domain; n_inner may be null (4 * n_embd)."""
+        for name in SIZE_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field {name}={value!r} must be a positive integer")
+            hi = MAX_LAYERS if name == "n_layer" else MAX_DIM
+            if not (name == "n_inner" and value is None) and not _is_int(value, 1, hi):
+                raise ConfigError(
+                    f"config field {name}={short(value)} must be an integer in [1, {hi}]"
+                    + (" or null (4 * n_embd)" if name == "n_inner" else "")
+                )
+        for name in FLAG_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ConfigError(
+                    f"config field {name}={short(value)} must be true or false (a JSON boolean, not a string or number)"
+                )
+        eps = self.layer_norm_epsilon
+        if not _is_number(eps) or not 0 < eps < 1:
+            raise ConfigError(
+                f"config field layer_norm_epsilon={short(eps)} must be a number in (0, 1): set it to 1e-05, "
+                "transformers' default and StarCoder's and SantaCoder's value"
+            )
+        for name in DROPOUT_FIELDS:
+            value = getattr(self, name)
+            if not (name == "classifier_dropout" and value is None) and not (_is_number(value) and 0 <= value <= 1):
+                raise ConfigError(f"config field {name}={short(value)} must be a probability in [0, 1]")
+        if not _is_number(self.initializer_range) or self.initializer_range < 0:
+            raise ConfigError(f"config field initializer_range={short(self.initializer_range)} must be a number >= 0")
+        if self.torch_dtype is not None and not (isinstance(self.torch_dtype, str) and len(self.torch_dtype) <= 200):
+            raise ConfigError(f"config field torch_dtype={short(self.torch_dtype)} must be a dtype name or null")
+        self._validate_token_ids()
         if self.n_embd % self.n_head != 0:
             raise ConfigError(
                 f"config field n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
@@ -79,7 +133,7 @@ class GPTBigCodeConfig:
             )
         if self.activation_function not in ACTIVATIONS:
             raise ConfigError(
-                f"config field activation_function={self.activation_function!r} is not supported; "
+                f"config field activation_function={short(self.activation_function)} is not supported; "
                 f"use one of {', '.join(ACTIVATIONS)}"
             )
         if self.add_cross_attention:
@@ -88,41 +142,74 @@ class GPTBigCodeConfig:
                 "self-attention only; set it to false"
             )
 
+    def _validate_token_ids(self) -> None:
+        vocab = self.vocab_size
+        for name in TOKEN_ID_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            many = name == "eos_token_id" and isinstance(value, (list, tuple))
+            ids = value if many else [value]
+            if not (0 < len(ids) <= MAX_EOS_IDS and all(_is_int(i, 0, vocab - 1) for i in ids)):
+                raise ConfigError(
+                    f"config field {name}={short(value)} must be a token id in [0, {vocab}) (vocab_size)"
+                    + (f", a list of 1 to {MAX_EOS_IDS} of them," if name == "eos_token_id" else "")
+                    + " or null"
+                )
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> GPTBigCodeConfig:
+        """A config from a config.json dict: GPTBigCode (model_type gpt_bigcode), or the original SantaCoder format
+        (model_type gpt2 with attention_head_type multiquery, read by exporter.santacoder_format). Fields the model
+        does not use are kept in `extra` (the manifest records them). Raises ConfigError naming the field."""
         model_type = raw.get("model_type")
-        if model_type != "gpt_bigcode":
+        source_format = GPT_BIGCODE_FORMAT
+        if model_type == "gpt2":
+            from bigcode_deploy.exporter.santacoder_format import SANTACODER_FORMAT, gpt_bigcode_fields
+
+            raw, source_format = gpt_bigcode_fields(raw), SANTACODER_FORMAT
+        elif model_type != "gpt_bigcode":
             raise ConfigError(
-                f"config field model_type={model_type!r} is not 'gpt_bigcode': this tool exports GPTBigCode "
-                "(SantaCoder/StarCoder) checkpoints only"
+                f"config field model_type={model_type!r} is not supported: this tool reads GPTBigCode checkpoints "
+                "(model_type 'gpt_bigcode') and the original SantaCoder format (model_type 'gpt2', "
+                "GPT2LMHeadCustomModel, attention_head_type 'multiquery')"
             )
         values: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         fields = {f.name for f in dataclasses.fields(cls)}
         for key, value in raw.items():
-            key = ALIASES.get(key, key)
-            if key in fields:
-                values[key] = value
+            canonical = ALIASES.get(key, key)
+            if canonical in fields:
+                values[canonical] = value
+            elif key != "model_type":
+                extra[key] = value
         # transformers derives num_labels from id2label when present.
         if "num_labels" not in raw and isinstance(raw.get("id2label"), dict):
             values["num_labels"] = len(raw["id2label"])
-        return cls(**values)
+        config = cls(**values)
+        config.extra, config.source_format = extra, source_format
+        return config
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> GPTBigCodeConfig:
+        """Read and validate config.json (exporter.json_file bounds the read). Raises ConfigError, one line naming the
+        file, for a file that cannot be read as a JSON object or a field outside its domain (validate)."""
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path} not found: a model directory needs a Hugging Face config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}); re-save the checkpoint's config.json") from None
+        if not path.exists() and not path.is_symlink():
+            raise ConfigError(f"{path} not found: a model directory needs a Hugging Face config.json")
+        raw = read_json(path, limit=MAX_CONFIG_BYTES, error=ConfigError, fix=CONFIG_FIX)
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(raw)
+            raise ConfigError(f"{path} must hold a JSON object, not {type(raw).__name__}: {CONFIG_FIX}")
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
-    def to_dict(self) -> dict[str, Any]:
-        """The HF-style dict: model_type plus every field (round-trips through from_dict)."""
-        return {"model_type": "gpt_bigcode", **dataclasses.asdict(self)}
+    def to_dict(self, extra: bool = True) -> dict[str, Any]:
+        """The HF-style GPTBigCode dict: model_type plus every model field (round-trips through from_dict), and with
+        `extra` every other field config.json held (architectures, auto_map, ...; the model's fields win)."""
+        model = {"model_type": "gpt_bigcode", **dataclasses.asdict(self)}
+        return {**self.extra, **model} if extra else model
 
 
 # Named presets with the public shapes (random weights only: used by benchmarks and slow tests).
@@ -154,3 +241,19 @@ def preset(name: str, **overrides: Any) -> GPTBigCodeConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return GPTBigCodeConfig(**{**PRESETS[name], **overrides})
+
+
+def _is_int(value: Any, lo: int, hi: int) -> bool:
+    """An integer (not a bool: JSON true is no size) in [lo, hi]."""
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float, not a bool, that is finite as a float (an int above 1.8e308 is not: the model computes in
+    floats)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False

@@ -26,6 +26,7 @@ ORT_TYPES = {
     "bfloat16": "tensor(bfloat16)",
     "int64": "tensor(int64)",
 }
+MAX_THREADS = 1024  # intra-op threads a caller may ask for
 Cache = Any  # backend-native: list of OrtValue, or list of torch.Tensor
 
 
@@ -59,13 +60,30 @@ class OrtBackend:
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
+        # ONNX Runtime loads the bytes that were hashed (never the files again), and external data only from the
+        # manifest's data file (every tensor's location was checked against it when the bundle was opened). A data
+        # file above IN_MEMORY_DATA_LIMIT is read by ONNX Runtime from the bundle directory and hashed again after.
+        model_bytes, external = self.bundle.graph_buffers()
+        from_directory = self.bundle.manifest.graph.external_data is not None and not external
+        if external:
+            options.add_external_initializers_from_files_in_memory(
+                list(external), list(external.values()), [len(b) for b in external.values()]
+            )
+        elif from_directory:
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(self.bundle.path.resolve())
+            )
         try:
-            self.session = ort.InferenceSession(str(self.bundle.graph_path), options, providers=providers)
+            self.session = ort.InferenceSession(model_bytes, options, providers=providers)
         except Exception as exc:  # ONNX Runtime raises its own types (InvalidProtobuf, Fail, ...) for a bad graph
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise BundleError(
                 f"ONNX Runtime cannot load {self.bundle.graph_path}: {first}; re-export the bundle"
             ) from None
+        finally:
+            del model_bytes, external  # ONNX Runtime holds its own copy now
+        if from_directory:
+            self.bundle.check_external_data_unchanged()
         self._check_io()
         self._device = "cuda" if self.provider == "cuda" else "cpu"
         return self
@@ -128,6 +146,8 @@ def open_backend(bundle: Bundle, backend: str = "ort", *, threads: int = 0):
     The torch reference backend lives in bigcode_deploy.exporter (it needs torch and the checkpoint);
     bigcode_deploy.workflows.backends.open_any_backend offers all four. Raises BigCodeError for another name.
     """
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= MAX_THREADS:
+        raise BigCodeError(f"threads {str(threads)[:40]!r} must be an integer in [0, {MAX_THREADS}] (0: the default)")
     if backend == "ort":
         return OrtBackend(bundle, threads=threads)
     if backend == "ort-cuda":
@@ -141,4 +161,4 @@ def open_backend(bundle: Bundle, backend: str = "ort", *, threads: int = 0):
         from bigcode_deploy.runtime.tensorrt import TensorRTBackend  # imports tensorrt only when entered
 
         return TensorRTBackend(bundle, threads=threads)
-    raise BigCodeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    raise BigCodeError(f"unknown backend {str(backend)[:40]!r}; choose one of {', '.join(BACKENDS)}")

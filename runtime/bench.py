@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -11,8 +12,11 @@ import numpy as np
 
 from bigcode_deploy.runtime.backends import open_backend
 from bigcode_deploy.runtime.bundle import Bundle
-from bigcode_deploy.runtime.errors import BigCodeError
+from bigcode_deploy.runtime.errors import BigCodeError, ContextOverflow
+from bigcode_deploy.runtime.manifest import MAX_DIM
 from bigcode_deploy.runtime.session import DecodingSession
+
+MAX_REPEATS = 1000  # timed repeats (and warm-ups) one bench run may ask for
 
 
 @dataclass
@@ -43,6 +47,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def prefill_bytes(bundle: Bundle, batch: int, prompt_len: int) -> int:
+    """A lower bound of the bytes a prefill of batch x prompt_len tokens holds at once: float32 logits (every
+    position, or the last with logits_positions `last`) plus the KV cache (n_layer x 2 * head_dim values per token, the
+    multi-query size; multi-head holds n_head times more)."""
+    config = bundle.config
+    positions = 1 if bundle.manifest.logits_positions == "last" else prompt_len
+    logits = batch * positions * config["vocab_size"] * 4
+    cache = batch * prompt_len * config["n_layer"] * 2 * (config["n_embd"] // config["n_head"]) * 4
+    return logits + cache
+
+
 def bench_bundle(
     bundle_path,
     *,
@@ -57,18 +72,32 @@ def bench_bundle(
     opener=None,
 ) -> BenchResult:
     """Greedy decoding with no stop token, so every repeat does the same work."""
-    for name, value, least in (
-        ("prompt_len", prompt_len, 1),
-        ("new_tokens", new_tokens, 2),
-        ("batch", batch, 1),
-        ("repeats", repeats, 1),
-        ("warmup", warmup, 0),
+    for name, value, least, most in (
+        ("prompt_len", prompt_len, 1, MAX_DIM),
+        ("new_tokens", new_tokens, 2, MAX_DIM),
+        ("batch", batch, 1, MAX_DIM),
+        ("repeats", repeats, 1, MAX_REPEATS),
+        ("warmup", warmup, 0, MAX_REPEATS),
+        ("seed", seed, 0, 2**63 - 1),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise BigCodeError(f"{name}={value!r} must be an integer >= {least}")
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+            raise BigCodeError(f"{name}={str(value)[:40]} must be an integer >= {least} and <= {most}")
     bundle = Bundle.open(bundle_path)
+    n_positions, vocab = bundle.config["n_positions"], bundle.config["vocab_size"]
+    if prompt_len + new_tokens > n_positions:  # before any array is made: a huge prompt_len fails here, at once
+        raise ContextOverflow(
+            f"prompt_len={prompt_len} plus new_tokens={new_tokens} exceeds the model's context of {n_positions} "
+            "positions; lower prompt_len or new_tokens"
+        )
+    need = prefill_bytes(bundle, batch, prompt_len)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise BigCodeError(
+            f"batch={batch} with prompt_len={prompt_len} needs ~{need / 2**30:.1f} GiB for the prefill's logits and "
+            f"cache, more than this machine's {have / 2**30:.1f} GiB of memory; lower batch or prompt_len"
+        )
     rng = np.random.default_rng(seed)
-    prompts = rng.integers(0, bundle.config["vocab_size"], (batch, prompt_len)).tolist()
+    prompts = rng.integers(0, vocab, (batch, prompt_len)).tolist()
     prefill, rates, steps_all, tail_all = [], [], [], []
     with (opener or open_backend)(bundle, backend, threads=threads) as b:
         session = DecodingSession(b, bundle)

@@ -7,7 +7,6 @@ from collections import Counter
 import onnx
 
 from bigcode_deploy.runtime.bundle import Bundle
-from bigcode_deploy.runtime.errors import BundleError
 from bigcode_deploy.runtime.parity_record import parity_summary
 
 
@@ -20,10 +19,7 @@ def describe(path: str) -> str:
     bundle = Bundle.open(path)
     m = bundle.manifest
     c = m.config
-    try:
-        model = onnx.load(str(bundle.graph_path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError for a file that is not a model
-        raise BundleError(f"{bundle.graph_path} is not an ONNX model ({type(exc).__name__}); re-export it") from None
+    model = bundle.graph_model()  # parsed from the verified bytes; BundleError for a file that is not a model
     lines = [
         f"bundle      {bundle.path}",
         f"format      {m.format} v{m.format_version} (bigcode-deploy {m.package_version})",

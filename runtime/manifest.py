@@ -59,7 +59,17 @@ TARGETS = ("portable", "ort", "tensorrt")
 BACKENDS = ("ort", "ort-cuda", "torch", "tensorrt")  # torch: the reference model, provided by bigcode_deploy.exporter
 QUANTIZATION_BITS = {"int8": 8, "int4": 4}  # weight-only schemes -> MatMulNBits bits
 QUANTIZATION_SCHEMES = tuple(QUANTIZATION_BITS)
+# Where the attention scale sits: "softmax-unscale" (the export's: Q carries 1/(u*sqrt(head_dim)) and the fp32 softmax
+# multiplies by u = layer + 1 in half precision, u = 1 in fp32); "query" (all of 1/sqrt(head_dim) on Q before QK^T,
+# softmax scale 1: the form TensorRT fuses; graphs/scale_on_query.py).
+ATTENTION_SCALE_FORMS = ("softmax-unscale", "query")
 OPSETS = range(18, 24)
+
+# Bounds on what a manifest may describe (a bundle is untrusted input: checked before anything is built from it).
+MAX_MANIFEST_BYTES = 16 << 20  # manifest.json itself; a 40-layer manifest takes ~20 kB
+MAX_LAYERS = 1024  # n_layer (StarCoder: 40): the manifest lists two tensors per layer
+MAX_DIM = 2**31 - 1  # vocab_size, n_positions, n_embd, n_head, n_inner, num_labels, dims: int32 sizes
+MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json (StarCoder's: 2 MB)
 
 # The custom domain of the model's two signature optimizations (bigcode_deploy.exporter.ops emits them).
 DOMAIN = "bigcode"
@@ -183,9 +193,16 @@ class Manifest:
     source: dict[str, Any]
     passes: list[PassRecord] = field(default_factory=list)
     logits_positions: str = "all"  # "last": a graph whose logits are (batch, 1, vocab)
+    attention_scale: str = ATTENTION_SCALE_FORMS[0]  # one of ATTENTION_SCALE_FORMS
     quantization: dict[str, Any] | None = None
     reference: ReferenceRecord | None = None
     hf_files: list[str] = field(default_factory=list)  # Hugging Face config files shipped beside the graph
+    # The ids that end a generated row unless the caller gives its own: generation_config.json's eos_token_id (an
+    # int or a list, any of which stops, as in transformers), else config.json's. None: not recorded (not causal-lm).
+    stop_token_ids: list[int] | None = None
+    # Fill-in-the-middle: the tokenizer's FIM token ids, their spelling and the prompt order (runtime/fim.py's
+    # FimTokens.to_json: spelling, tokens {prefix, middle, suffix, pad}, file_sep, mode psm|spm). None: no FIM tokens.
+    fim: dict[str, Any] | None = None
 
     # --- build ----------------------------------------------------------------------------------------------
     @classmethod
@@ -203,6 +220,8 @@ class Manifest:
         tokenizer: str | None,
         custom_ops_used: list[str],
         hf_files: list[str] | None = None,
+        stop_token_ids: list[int] | None = None,
+        fim: dict[str, Any] | None = None,
     ) -> Manifest:
         """The manifest of a freshly exported (portable) graph. config: the model config dict (n_layer, n_head,
         n_embd, n_positions, vocab_size, multi_query, num_labels, ...). Raises BundleError on an unknown task/dtype."""
@@ -237,6 +256,8 @@ class Manifest:
             tokenizer=tokenizer,
             source=dict(source),
             hf_files=list(hf_files or []),
+            stop_token_ids=None if stop_token_ids is None else list(stop_token_ids),
+            fim=fim,
         )
 
     # --- derive ---------------------------------------------------------------------------------------------
@@ -250,8 +271,10 @@ class Manifest:
         last_token_logits: bool = False,
         max_batch: int | None = None,
         quantization: dict[str, Any] | None = None,
+        attention_scale: str | None = None,
     ) -> Manifest:
-        """A copy for a graph lowered from this one (the input is left unchanged)."""
+        """A copy for a graph lowered from this one (the input is left unchanged). attention_scale: the new
+        graph's form (ATTENTION_SCALE_FORMS) when a pass changed it."""
         if target not in TARGETS:
             raise BundleError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
         new = Manifest.from_json(self.to_json())
@@ -267,6 +290,8 @@ class Manifest:
             new.dims[BATCH]["max"] = max_batch
         if quantization is not None:
             new.quantization = quantization
+        if attention_scale is not None:
+            new.attention_scale = attention_scale
         return new
 
     # --- read / write ---------------------------------------------------------------------------------------
@@ -279,8 +304,15 @@ class Manifest:
                 f"{bundle_dir} is not a bundle: {MANIFEST_FILE} is missing (create one with `bigcode-deploy export`)"
             )
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            with open(path, "rb") as f:
+                data = f.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as exc:
+            raise BundleError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB, more than any manifest; re-export it")
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits
             raise BundleError(f"{path} is not valid JSON ({type(exc).__name__}); re-export the bundle") from None
         return cls.from_json(raw, where=str(path))
 
@@ -288,11 +320,15 @@ class Manifest:
     def from_json(cls, raw: Any, where: str = MANIFEST_FILE) -> Manifest:
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise BundleError(f"{where} is not a {FORMAT} manifest; re-export the bundle")
-        if raw.get("format_version") != FORMAT_VERSION:
+        if type(raw.get("format_version")) is not int or raw.get("format_version") != FORMAT_VERSION:
             raise BundleError(
-                f"{where} has format_version {raw.get('format_version')!r}; this runtime reads {FORMAT_VERSION}: "
+                f"{where} has format_version {repr(raw.get('format_version'))[:40]}; this runtime reads "
+                f"{FORMAT_VERSION}: "
                 "re-export the bundle with this version of bigcode-deploy"
             )
+        for key in ("inputs", "outputs", "passes", "hf_files"):
+            if not isinstance(raw.get(key, []), list):
+                raise BundleError(f"{where}: {key} is a {type(raw[key]).__name__}, not a list; re-export the bundle")
         try:
             values = dict(raw)
             values["graph"] = GraphFiles(**raw["graph"])
@@ -302,9 +338,10 @@ class Manifest:
             values["passes"] = [PassRecord(**p) for p in raw.get("passes", [])]
             values["reference"] = ReferenceRecord(**raw["reference"]) if raw.get("reference") is not None else None
             manifest = cls(**values)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError, RecursionError) as exc:
+            what = str(exc) if len(str(exc)) <= 120 else str(exc)[:117] + "..."
             raise BundleError(
-                f"{where} does not have the fields of a {FORMAT} manifest ({exc}); re-export it"
+                f"{where} does not have the fields of a {FORMAT} manifest ({what}); re-export it"
             ) from None
         manifest.validate(where)
         return manifest
@@ -317,85 +354,11 @@ class Manifest:
 
     # --- validate -------------------------------------------------------------------------------------------
     def validate(self, where: str = MANIFEST_FILE) -> None:
-        """Types and values of the fields a runtime relies on. Raises BundleError naming the first bad field."""
+        """Every field's type and range, sizes bounded before anything is built from them, file names plain
+        (runtime/manifest_schema.py holds the schema). Raises BundleError naming the first bad field."""
+        from bigcode_deploy.runtime.manifest_schema import check_manifest
 
-        def bad(name: str, what: str) -> BundleError:
-            return BundleError(f"{where}: {name} {what}; re-export the bundle")
-
-        def plain(name: object) -> bool:
-            return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
-
-        def positive_int(value: object) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-        for field_name in ("task", "dtype", "target", "logits_positions"):
-            if not isinstance(getattr(self, field_name), str):
-                raise bad(field_name, f"is {getattr(self, field_name)!r}, not a string")
-        if self.task not in TASKS:
-            raise bad("task", f"{self.task!r} is not one of {', '.join(TASKS)}")
-        if self.dtype not in GRAPH_DTYPES:
-            raise bad("dtype", f"{self.dtype!r} is not one of {', '.join(GRAPH_DTYPES)}")
-        if self.target not in TARGETS:
-            raise bad("target", f"{self.target!r} is not one of {', '.join(TARGETS)}")
-        if self.logits_positions not in ("all", "last"):
-            raise bad("logits_positions", f"is {self.logits_positions!r}, not 'all' or 'last'")
-        for name in ("config", "source", "custom_ops"):
-            if not isinstance(getattr(self, name), dict):
-                raise bad(name, "is not an object")
-        for name in ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head"):
-            if not positive_int(self.config.get(name)):
-                raise bad(f"config.{name}", f"is {self.config.get(name)!r}, not a positive integer")
-        if not isinstance(self.config.get("multi_query"), bool):
-            raise bad("config.multi_query", f"is {self.config.get('multi_query')!r}, not true or false")
-        if self.config["n_embd"] % self.config["n_head"]:
-            raise bad("config.n_embd", "is not divisible by config.n_head")
-        # The graph's I/O must be the contract's: names, dtypes and shapes (last-token logits: sequence 1).
-        cache = self.kv_cache is not None
-        expected_in, expected_out = io_spec(self.config, self.task, self.dtype, cache)
-        if self.logits_positions == "last":
-            if self.task != "causal-lm":
-                raise bad("logits_positions", "is 'last' on a graph that is not causal-lm")
-            expected_out[0].shape[1] = 1
-        for label, found, expected in (("inputs", self.inputs, expected_in), ("outputs", self.outputs, expected_out)):
-            if [(t.name, t.dtype, t.shape) for t in found] != [(t.name, t.dtype, t.shape) for t in expected]:
-                raise bad(label, f"do not match a {self.task} {self.dtype} graph's (names, dtypes, shapes, in order)")
-        if cache and dataclasses.asdict(self.kv_cache) != dataclasses.asdict(kv_cache_section(self.config, self.dtype)):
-            raise bad("kv_cache", "does not match the config (layers, heads, head_dim, dtype, shapes, name templates)")
-        expected_dims = dims(self.config, cache)
-        if not isinstance(self.dims, dict) or set(self.dims) != set(expected_dims):
-            raise bad("dims", f"must name exactly {', '.join(expected_dims)}")
-        for name, rng in self.dims.items():
-            if name == BATCH and isinstance(rng, dict) and rng.get("min") == 1:
-                batch_max = rng.get("max")
-                if batch_max is None or positive_int(batch_max):
-                    continue  # the batch range may be bounded by a target (tensorrt --max-batch)
-            if rng != expected_dims[name]:
-                raise bad(f"dims.{name}", f"is {rng!r}, not the config's {expected_dims[name]!r}")
-        for name in self.graph.names:
-            if not plain(name):
-                raise bad("graph", f"names {name!r}, which is not a plain file name inside the bundle")
-        if not isinstance(self.graph.sha256, dict):  # each digest is checked when the bundle is opened
-            raise bad("graph.sha256", "is not an object of file name -> sha256")
-        if self.tokenizer is not None and not plain(self.tokenizer):
-            raise bad("tokenizer", f"names {self.tokenizer!r}, which is not a plain file name inside the bundle")
-        if not isinstance(self.hf_files, list) or not all(plain(n) for n in self.hf_files):
-            raise bad("hf_files", "is not a list of plain file names inside the bundle")
-        if self.kv_cache is not None and self.kv_cache.num_layers != self.config["n_layer"]:
-            raise bad("kv_cache.num_layers", f"is {self.kv_cache.num_layers}, config.n_layer {self.config['n_layer']}")
-        if self.quantization is not None and (
-            not isinstance(self.quantization, dict) or self.quantization.get("scheme") not in QUANTIZATION_SCHEMES
-        ):
-            raise bad("quantization.scheme", f"is not one of {', '.join(QUANTIZATION_SCHEMES)}")
-        r = self.reference
-        if r is not None:
-            if not plain(r.file) or not isinstance(r.sha256, str):
-                raise bad("reference.file", f"names {r.file!r}, which is not a plain file name inside the bundle")
-            if not isinstance(r.steps, int) or isinstance(r.steps, bool) or r.steps < 0:
-                raise bad("reference.steps", f"is {r.steps!r}, not a count of decode steps")
-            if not (isinstance(r.prompts, list) and r.prompts and all(isinstance(p, list) for p in r.prompts)):
-                raise bad("reference.prompts", "is not a list of token id lists")
-            if r.dtype != "fp32" or r.model_dtype not in GRAPH_DTYPES:
-                raise bad("reference.dtype", f"is {r.dtype!r} / {r.model_dtype!r}: the reference is fp32 torch")
+        check_manifest(self, where)
 
     # --- queries --------------------------------------------------------------------------------------------
     @property

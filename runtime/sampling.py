@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from bigcode_deploy.runtime.errors import BigCodeError, ParityError
+
+MAX_SEED = 2**64 - 1  # the C ABI's uint64_t seed: every seed either entry point takes
+
+
+def is_integer(value) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_finite_number(value) -> bool:
+    """A Python or numpy number, not a bool, that is finite as a float (an int above 1.8e308 is not)."""
+    if not (is_integer(value) or isinstance(value, (float, np.floating))):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def shown(value) -> str:
+    """A value for an error line: str(value) cut to 40 characters (a hostile one may be megabytes long)."""
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -20,14 +44,12 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise BigCodeError(f"{name}={value!r} must be a finite number")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)):
-            raise BigCodeError(f"top_k={self.top_k!r} must be an integer")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0
-        ):
-            raise BigCodeError(f"seed={self.seed!r} must be a non-negative integer")
+            if not is_finite_number(value):
+                raise BigCodeError(f"{name}={shown(value)} must be a finite number")
+        if not is_integer(self.top_k):
+            raise BigCodeError(f"top_k={shown(self.top_k)} must be an integer")
+        if self.seed is not None and not (is_integer(self.seed) and 0 <= self.seed <= MAX_SEED):
+            raise BigCodeError(f"seed={shown(self.seed)} must be an integer in [0, 2**64 - 1]")
         if self.temperature < 0:
             raise BigCodeError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
         if self.top_k < 0:
@@ -51,7 +73,10 @@ def apply_repetition_penalty(logits: np.ndarray, seen: list, penalty: float) -> 
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.size:
             values = logits[row, tokens]
-            logits[row, tokens] = np.where(values > 0, values / penalty, values * penalty)
+            with np.errstate(over="ignore"):
+                penalized = np.where(values > 0, values / penalty, values * penalty)
+            finite = np.finfo(logits.dtype)  # a huge penalty saturates instead of reaching -inf
+            logits[row, tokens] = np.clip(penalized, finite.min, finite.max)
     return logits
 
 
@@ -92,7 +117,10 @@ class Sampler:
         logits = apply_repetition_penalty(logits, seen, o.repetition_penalty)
         if o.greedy:
             return logits.argmax(-1).astype(np.int64)
-        logits = filter_top_k_top_p(logits / o.temperature, o.top_k, o.top_p)
+        # Shifted so each row's largest logit is 0 before dividing: a tiny temperature gives -inf, never inf - inf.
+        shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+        with np.errstate(over="ignore"):  # a tiny temperature sends all but the largest to -inf, as it should
+            logits = filter_top_k_top_p(shifted / o.temperature, o.top_k, o.top_p)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         return np.array([self.rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)

@@ -13,6 +13,12 @@ missing one; the old one, swapped to the staging name, is then removed. Where RE
 offers no atomic replacement of a non-empty directory: the old OUT_DIR is renamed aside and the new one renamed in,
 so for that instant a reader may find OUT_DIR missing, but never half-written.
 
+Refused in one line before any work: an OUT_DIR that names no new directory (`.`, `..`, `/`), a last component
+longer than NAME_MAX bytes (the staging name is shortened to fit whatever OUT_DIR's length), a path component that
+is a file or a dangling link, a parent that cannot be written. A full disk or quota, or a read-only file system,
+while the bundle is written is one line too (WRITE_ERRORS), and leaves nothing: neither the staging directory nor
+the parents this run created.
+
 Cleanup: an exception, KeyboardInterrupt (SIGINT), SIGTERM or SIGHUP (turned into SystemExit(128 + signal) while a
 staging directory exists, when the signal has its default disposition and this is the main thread) removes the
 staging directory. A run killed outright (SIGKILL) cannot clean up; its temporary names carry this host and the
@@ -47,6 +53,9 @@ _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
+NAME_MAX = 255  # bytes in one path component (Linux, macOS)
+# Errors of writing OUT_DIR that a user can cause and fix (a full disk or quota, a read-only file system): one line.
+WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def _host() -> str:
@@ -54,10 +63,32 @@ def _host() -> str:
 
 
 def temp_name(out_dir: Path, kind: str) -> Path:
-    """A fresh temporary name beside out_dir that records this host and pid (see the module docstring)."""
+    """A fresh temporary name beside out_dir that records this host and pid (see the module docstring). The part
+    taken from out_dir's name is shortened so that the whole name fits in NAME_MAX bytes (a 255-byte OUT_DIR name
+    still stages)."""
     if kind not in TEMP_KINDS:
         raise ValueError(f"unknown kind {kind!r}")
-    return out_dir.parent / f".{out_dir.name}.{kind}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    suffix = f".{kind}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    stem = out_dir.name
+    while stem and len(os.fsencode(f".{stem}{suffix}")) > NAME_MAX:
+        stem = stem[:-1]
+    return out_dir.parent / f".{stem or '_'}{suffix}"
+
+
+def check_out_name(out_dir: str | Path) -> None:
+    """Raise BigCodeError for an OUT_DIR that names no new directory (`.`, `..`, `/`) or whose last component is
+    longer than the file system allows (NAME_MAX bytes)."""
+    name = Path(out_dir).name
+    if name in ("", ".", ".."):
+        raise BigCodeError(
+            f"OUT_DIR {str(out_dir)!r} names no new directory (it is a current, parent or root directory); give a "
+            "directory name such as out/bundle"
+        )
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise BigCodeError(
+            f"OUT_DIR's last component is {len(os.fsencode(name))} bytes long ({name[:40]}...); the file system "
+            f"allows {NAME_MAX}: choose a shorter name"
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -122,9 +153,11 @@ def refuse_input(out_dir: str | Path, inputs: Iterable[str | Path | None]) -> No
 def refuse_existing(out_dir: str | Path, force: bool, inputs: Iterable[str | Path | None] = ()) -> None:
     """Raise BigCodeError for an out_dir that is or contains an input, or that exists (even as a dangling symlink)
     without force. The early check; publishing checks again atomically."""
+    check_out_name(out_dir)
     refuse_input(out_dir, inputs)
     if os.path.lexists(out_dir) and not force:
-        raise BigCodeError(f"{out_dir} already exists; choose another OUT_DIR or pass --force to replace it")
+        what = "already exists (a dangling symbolic link)" if not os.path.exists(out_dir) else "already exists"
+        raise BigCodeError(f"{out_dir} {what}; choose another OUT_DIR or pass --force to replace it")
     refuse_non_bundle(Path(out_dir), force)
 
 
@@ -259,20 +292,71 @@ def staged_dir(out_dir: str | Path, force: bool, inputs: Iterable[str | Path | N
     out_dir = Path(out_dir)
     inputs = list(inputs)
     refuse_existing(out_dir, force, inputs)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a path component is a file, or not writable
-        raise BigCodeError(
-            f"cannot create {out_dir.parent} for OUT_DIR ({exc.strerror}); choose another OUT_DIR"
-        ) from None
+    created = _make_parents(out_dir.parent)
     remove_stale(out_dir.parent)
     with exit_on_signals():
         staging = temp_name(out_dir, "partial")
-        staging.mkdir()
+        try:
+            staging.mkdir()
+        except OSError as exc:  # a read-only or full parent
+            _remove_created(created)
+            raise BigCodeError(
+                f"cannot write in {out_dir.parent} for OUT_DIR ({exc.strerror}); choose another OUT_DIR"
+            ) from None
         try:
             yield staging
             refuse_input(out_dir, inputs)  # a symlink may have been pointed at an input meanwhile
             publish(staging, out_dir, force)
+        except OSError as exc:
+            _remove(staging)
+            _remove_created(created)
+            ours = exc.filename is None or str(exc.filename).startswith((str(staging), str(out_dir)))
+            if exc.errno not in WRITE_ERRORS or (exc.errno in (errno.EACCES, errno.EPERM) and not ours):
+                raise  # an input that cannot be read is the command's own error to report
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise BigCodeError(
+                f"writing OUT_DIR {out_dir} failed: {exc.strerror}{where}; nothing was written: free space or "
+                "choose another OUT_DIR"
+            ) from None
         except BaseException:
             _remove(staging)
+            _remove_created(created)
             raise
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    """Create parent and its missing ancestors; returns those created (deepest last), for removal on failure.
+    Raises BigCodeError (one line) when a component is a file or a dangling link, or cannot be created."""
+    missing = []
+    for directory in [parent, *parent.parents]:
+        if os.path.lexists(directory):
+            if not directory.is_dir():
+                raise BigCodeError(
+                    f"{directory} (in OUT_DIR's path) is "
+                    f"{'a dangling symbolic link' if directory.is_symlink() else 'a file'}, not a directory; choose "
+                    "another OUT_DIR"
+                )
+            break
+        missing.append(directory)
+    created = []
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:  # made meanwhile by another command: not ours to remove
+            continue
+        except OSError as exc:  # not writable, full, a name too long
+            _remove_created(created)
+            raise BigCodeError(
+                f"cannot create {directory} for OUT_DIR ({exc.strerror}); choose another OUT_DIR"
+            ) from None
+        created.append(directory)
+    return created
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the directories _make_parents created, deepest first, while they are empty."""
+    for directory in reversed(created):
+        try:
+            directory.rmdir()
+        except OSError:
+            return

@@ -58,14 +58,15 @@ def verify_bundle(
 
 def write_parity(bundle_dir: Path, report: ParityReport) -> bool:
     """parity.json, replaced atomically (a reader never sees half a file). Returns whether it was written: False,
-    writing nothing, when the bundle directory is read-only (EACCES, EPERM, EROFS); the verdict stands either way."""
+    writing nothing, when the bundle directory is read-only (EACCES, EPERM, EROFS) or full (ENOSPC, EDQUOT); the
+    verdict stands either way."""
     path = Path(bundle_dir) / PARITY_FILE
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
         tmp.replace(path)
     except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
             raise
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

@@ -27,6 +27,7 @@ from bigcode_deploy.runtime.manifest import (
     DOMAIN,
     GRAPH_FILE,
     GRAPH_OUTPUT_FILES,
+    MAX_DIM,
     TARGETS,
     GraphFiles,
     PassRecord,
@@ -92,7 +93,8 @@ def optimize_bundle(
     progress: Progress = print_progress,
 ) -> Path:
     """Write OUT_DIR: BUNDLE's graph rewritten for `target` (portable, ort, tensorrt), optionally in another dtype
-    (re-exported from the recorded checkpoint), with last-token logits, or with int8/int4 weight-only MatMuls (ort).
+    (re-exported from the recorded checkpoint), with last-token logits (always for tensorrt), or with int8/int4
+    weight-only MatMuls (ort).
 
     Returns out_dir. Raises BigCodeError for a bad option combination, an existing out_dir without force (also one
     another command created while this one ran), an out_dir that is or contains BUNDLE (or, re-exporting, the
@@ -102,6 +104,8 @@ def optimize_bundle(
     out_dir = Path(out_dir)
     if target not in TARGETS:
         raise BigCodeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_DIM:
+        raise BigCodeError(f"--max-batch {str(max_batch)[:40]} must be an integer in [1, {MAX_DIM}] (rows of a batch)")
     if quantize is not None and target != "ort":
         raise BigCodeError(f"--quantize is for the ort target (MatMulNBits is an ONNX Runtime op), not {target}")
     refuse_existing(out_dir, force, inputs=[bundle_path])
@@ -114,6 +118,8 @@ def optimize_bundle(
     dtype = dtype or source.manifest.dtype
     if target == "tensorrt" and dtype == "fp32":
         raise BigCodeError("the tensorrt target carries its precision in the graph's dtypes: pass --dtype fp16 or bf16")
+    if target == "tensorrt":
+        last_token_logits = True  # a prefill reads the last position only; build-engine's profiles follow the manifest
     if quantize is not None and dtype != "fp32":
         raise BigCodeError(f"--quantize {quantize} quantizes an fp32 bundle's weights; this one would be {dtype}")
     if check and dtype == "bf16":
@@ -165,6 +171,7 @@ def optimize_bundle(
             last_token_logits=last_token_logits,
             max_batch=max_batch if target == "tensorrt" else None,
             quantization=quantization,
+            attention_scale="query" if target == "tensorrt" else None,  # run_passes refuses a graph it could not fold
         )
         if target == "tensorrt":
             problems = lint_tensorrt(onnx.load(str(staging / GRAPH_FILE), load_external_data=False), manifest)

@@ -41,10 +41,11 @@ def verify_bundle_live(
             "verify against the bundle's stored reference (no --model)"
         )
     # torch and the exporter load here, not at import: `verify BUNDLE` against stored outputs never needs them.
-    from bigcode_deploy.exporter.checkpoint import check_source
+    from bigcode_deploy.exporter.checkpoint import check_same_model, check_source
     from bigcode_deploy.exporter.reference_capture import reference_outputs
     from bigcode_deploy.workflows.backends import open_any_backend
 
+    check_same_model(source, bundle.manifest.config)
     check_source(source, bundle.manifest.source)
     reference = reference_outputs(
         source, bundle.manifest, steps=steps, seed=seed, kind=f"live torch {source}", threads=threads

@@ -5,6 +5,7 @@
  *   capi_checks BUNDLE start    every entry point once, for a process whose embedded runtime cannot start */
 #include <bigcode_runtime.h>
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -67,11 +68,102 @@ static int start_failure(const char *path) {
     return 0;
 }
 
+/* Hostile arguments to every entry point: each must return its documented code, never BCR_ERR_INTERNAL.
+ *   capi_checks BUNDLE hostile BAD_BUNDLE BROKEN_TOKENIZER_BUNDLE NON_UTF8_NAMED_COPY */
+static int hostile(const char *path, const char *bad_bundle, const char *broken_tokenizer, const char *non_utf8) {
+    bcr_bundle *bundle = NULL, *other = NULL;
+    bcr_session *session = NULL;
+    bcr_open_options backend_bytes = {"\xff\xfeort", 0};
+    bcr_open_options negative_threads = {"ort", -1};
+    bcr_open_options huge_threads = {"ort", 2147483647};
+    report("h_open_non_utf8_missing_path", bcr_bundle_open("/nonexistent/\xff\xfe/bundle", NULL, &other));
+    report("h_open_non_utf8_backend", bcr_bundle_open(path, &backend_bytes, &other));
+    report("h_open_negative_threads", bcr_bundle_open(path, &negative_threads, &other));
+    report("h_open_huge_threads", bcr_bundle_open(path, &huge_threads, &other));
+    report("h_open_null_out", bcr_bundle_open(path, NULL, NULL));
+    report("h_open_empty_path", bcr_bundle_open("", NULL, &other));
+    report("h_open_bad_bundle", bcr_bundle_open(bad_bundle, NULL, &other));
+    report("h_open_non_utf8_named_copy", bcr_bundle_open(non_utf8, NULL, &other));
+    bcr_bundle_close(other);
+    other = NULL;
+
+    report("h_open_broken_tokenizer", bcr_bundle_open(broken_tokenizer, NULL, &other));
+    char info[4096];
+    report("h_info_broken_tokenizer", bcr_bundle_info(other, info, sizeof info, NULL));
+    bcr_session *broken = NULL;
+    report("h_session_broken_tokenizer", bcr_session_create(other, &broken));
+    report("h_prefill_text_broken_tokenizer", bcr_session_prefill_text(broken, "def f():"));
+    int32_t ids[] = {1, 2, 3}, three[] = {3};
+    const int32_t *one_prompt[] = {ids};
+    report("h_prefill_ids_broken_tokenizer", bcr_session_prefill_ids(broken, one_prompt, three, 1));
+    bcr_session_close(broken);
+    bcr_bundle_close(other);
+
+    report("h_open", bcr_bundle_open(path, NULL, &bundle));
+    size_t needed = 0;
+    report("h_info_null_buffer", bcr_bundle_info(bundle, NULL, 0, &needed));
+    printf("NEEDED %zu\n", needed);
+    report("h_info_null_bundle", bcr_bundle_info(NULL, info, sizeof info, NULL));
+    report("h_session_null_out", bcr_session_create(bundle, NULL));
+    report("h_session", bcr_session_create(bundle, &session));
+    report("h_prefill_text_non_utf8", bcr_session_prefill_text(session, "def \xc3\x28():"));
+    report("h_prefill_text_null", bcr_session_prefill_text(session, NULL));
+    report("h_prefill_negative_batch", bcr_session_prefill_ids(session, one_prompt, three, -1));
+    report("h_prefill_zero_batch", bcr_session_prefill_ids(session, one_prompt, three, 0));
+    report("h_prefill_huge_batch", bcr_session_prefill_ids(session, one_prompt, three, 2147483647));
+    int32_t negative[] = {-5}, huge[] = {2147483647};
+    report("h_prefill_negative_length", bcr_session_prefill_ids(session, one_prompt, negative, 1));
+    report("h_prefill_huge_length", bcr_session_prefill_ids(session, one_prompt, huge, 1));
+    int32_t negative_id[] = {1, -7, 3};
+    const int32_t *bad_prompt[] = {negative_id};
+    report("h_prefill_negative_id", bcr_session_prefill_ids(session, bad_prompt, three, 1));
+    report("h_prefill_null_lengths", bcr_session_prefill_ids(session, one_prompt, NULL, 1));
+    report("h_step_before_prefill", bcr_session_step(session, ids, 1));
+    report("h_prefill", bcr_session_prefill_ids(session, one_prompt, three, 1));
+    report("h_step_negative_count", bcr_session_step(session, ids, -1));
+    report("h_step_null_tokens", bcr_session_step(session, NULL, 1));
+    int32_t rows = 0, vocab = 0;
+    report("h_logits_null_out", bcr_session_last_logits(session, NULL, 0, &rows, &vocab));
+
+    bcr_sampling_options options;
+    bcr_sampling_options_default(&options);
+    options.max_new_tokens = 2147483647;
+    report("h_generate_huge_max_tokens", bcr_session_generate(session, &options, NULL, NULL, NULL));
+    report("h_prefill_again_1", bcr_session_prefill_ids(session, one_prompt, three, 1));
+    bcr_sampling_options_default(&options);
+    options.max_new_tokens = -1;
+    report("h_generate_negative_max_tokens", bcr_session_generate(session, &options, NULL, NULL, NULL));
+    report("h_prefill_again_2", bcr_session_prefill_ids(session, one_prompt, three, 1));
+    bcr_sampling_options_default(&options);
+    options.temperature = NAN;
+    report("h_generate_nan_temperature", bcr_session_generate(session, &options, NULL, NULL, NULL));
+    report("h_prefill_again_3", bcr_session_prefill_ids(session, one_prompt, three, 1));
+    bcr_sampling_options_default(&options);
+    options.top_p = 2.0f;
+    report("h_generate_top_p_2", bcr_session_generate(session, &options, NULL, NULL, NULL));
+    report("h_prefill_again_4", bcr_session_prefill_ids(session, one_prompt, three, 1));
+    bcr_sampling_options_default(&options);
+    options.stop_token_ids = ids;
+    options.num_stop_token_ids = 2147483647;
+    report("h_generate_huge_stop_count", bcr_session_generate(session, &options, NULL, NULL, NULL));
+    report("h_prefill_again_5", bcr_session_prefill_ids(session, one_prompt, three, 1));
+    int32_t out_of_vocab_stop[] = {999999};
+    bcr_sampling_options_default(&options);
+    options.stop_token_ids = out_of_vocab_stop;
+    options.num_stop_token_ids = 1;
+    report("h_generate_stop_out_of_vocab", bcr_session_generate(session, &options, NULL, NULL, NULL));
+    report("h_cancel_null", bcr_session_cancel(NULL));
+    bcr_session_close(session);
+    bcr_bundle_close(bundle);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) return 2;
     const char *path = argv[1];
     if (argc > 2 && strcmp(argv[2], "info") == 0) return info_only(path);
     if (argc > 2 && strcmp(argv[2], "start") == 0) return start_failure(path);
+    if (argc > 5 && strcmp(argv[2], "hostile") == 0) return hostile(path, argv[3], argv[4], argv[5]);
     bcr_bundle *bundle = NULL;
     bcr_session *session = NULL;
 

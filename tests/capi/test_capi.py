@@ -256,3 +256,71 @@ def test_cpp_example_streams_text(built):
         pieces, _ = g.stream_text("def add(a, b):", max_new_tokens=16)
         expected = "".join(pieces)
     assert result.stdout == "def add(a, b):" + expected + "\n"
+
+
+def test_hostile_arguments_return_documented_codes_never_internal(built, tmp_path):
+    """NULL, non-UTF-8 bytes, negative and huge counts, non-finite options, a bad bundle, a corrupt tokenizer: each
+    entry point returns the header's code for it (INTERNAL is for bugs only) and reads nothing past a bad count."""
+    _, bundle, checks, _ = built
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["config"]["n_layer"] = 10**12
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    broken = tmp_path / "broken-tokenizer"
+    shutil.copytree(bundle, broken)
+    (broken / "tokenizer.json").write_text('{"model": {"type": "BPE"')
+    non_utf8 = os.fsencode(tmp_path) + b"/bundle-\xff\xfe"
+    shutil.copytree(bundle, os.fsdecode(non_utf8))
+    args = [os.fsencode(checks), os.fsencode(bundle), b"hostile", os.fsencode(bad), os.fsencode(broken), non_utf8]
+    result = subprocess.run(args, capture_output=True, timeout=300)
+    stdout = result.stdout.decode("utf-8")
+    assert result.returncode == 0, stdout + result.stderr.decode("utf-8", "replace")
+    got = checks_output(stdout)
+    expected = {
+        "h_open_non_utf8_missing_path": ("BAD_BUNDLE", "manifest.json is missing"),
+        "h_open_non_utf8_backend": ("INVALID_ARGUMENT", "options.backend is not valid UTF-8 (byte 0xff at offset 0)"),
+        "h_open_negative_threads": ("INVALID_ARGUMENT", "threads '-1' must be an integer in [0, 1024]"),
+        "h_open_huge_threads": ("INVALID_ARGUMENT", "must be an integer in [0, 1024]"),
+        "h_open_null_out": ("INVALID_ARGUMENT", "out is NULL"),
+        "h_open_empty_path": ("BAD_BUNDLE", "a bundle path must be a non-empty"),
+        "h_open_bad_bundle": ("BAD_BUNDLE", "config.n_layer is 1000000000000, not an integer in [1, 1024]"),
+        "h_open_non_utf8_named_copy": ("OK", ""),
+        "h_open_broken_tokenizer": ("OK", ""),  # the tokenizer is read when first needed
+        "h_info_broken_tokenizer": ("BAD_BUNDLE", "is not a tokenizer the tokenizers library reads"),
+        "h_session_broken_tokenizer": ("OK", ""),
+        "h_prefill_text_broken_tokenizer": ("BAD_BUNDLE", "is not a tokenizer the tokenizers library reads"),
+        "h_prefill_ids_broken_tokenizer": ("OK", ""),  # ids need no tokenizer
+        "h_open": ("OK", ""),
+        "h_info_null_buffer": ("INVALID_ARGUMENT", "buffer too small"),
+        "h_info_null_bundle": ("INVALID_ARGUMENT", "bundle is NULL"),
+        "h_session_null_out": ("INVALID_ARGUMENT", "out is NULL"),
+        "h_session": ("OK", ""),
+        "h_prefill_text_non_utf8": ("INVALID_ARGUMENT", "text is not valid UTF-8 (byte 0xc3 at offset 4)"),
+        "h_prefill_text_null": ("INVALID_ARGUMENT", "text is NULL"),
+        "h_prefill_negative_batch": ("INVALID_ARGUMENT", "batch in [1, 65536], got -1"),
+        "h_prefill_zero_batch": ("INVALID_ARGUMENT", "batch in [1, 65536], got 0"),
+        "h_prefill_huge_batch": ("INVALID_ARGUMENT", "batch in [1, 65536], got 2147483647"),
+        "h_prefill_negative_length": ("INVALID_ARGUMENT", "prompt 0 is NULL or empty"),
+        "h_prefill_huge_length": ("CONTEXT_OVERFLOW", "prompt 0 has 2147483647 tokens"),
+        "h_prefill_negative_id": ("INVALID_ARGUMENT", "-7"),
+        "h_prefill_null_lengths": ("INVALID_ARGUMENT", "must be non-NULL"),
+        "h_step_before_prefill": ("STATE", "needs a prefill first"),
+        "h_prefill": ("OK", ""),
+        "h_step_negative_count": ("INVALID_ARGUMENT", "one token per active row (1), got -1"),
+        "h_step_null_tokens": ("INVALID_ARGUMENT", "one token per active row"),
+        "h_logits_null_out": ("INVALID_ARGUMENT", "out must hold"),
+        "h_generate_huge_max_tokens": ("CONTEXT_OVERFLOW", "exceed"),
+        "h_generate_negative_max_tokens": ("INVALID_ARGUMENT", "max_new_tokens=-1"),
+        "h_generate_nan_temperature": ("INVALID_ARGUMENT", "temperature=nan"),
+        "h_generate_top_p_2": ("INVALID_ARGUMENT", "top_p=2.0"),
+        "h_generate_huge_stop_count": ("INVALID_ARGUMENT", "num_stop_token_ids 2147483647 is more than"),
+        "h_generate_stop_out_of_vocab": ("INVALID_ARGUMENT", "999999"),
+        "h_cancel_null": ("INVALID_ARGUMENT", "session is NULL"),
+        **{f"h_prefill_again_{i}": ("OK", "") for i in range(1, 6)},
+    }
+    assert set(got) == set(expected), sorted(set(got) ^ set(expected))
+    for name, (status, message) in expected.items():
+        assert got[name][0] == STATUS[status], (name, got[name])
+        assert message in got[name][1], (name, got[name])
+    assert int(value(stdout, "NEEDED")) > 2

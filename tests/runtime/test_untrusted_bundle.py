@@ -68,13 +68,13 @@ CASES = {
     "reference-dtype-fp16": (set_key(["reference", "dtype"], "fp16"), None, "reference.dtype"),
     "token-outside-vocabulary": (None, lambda t: t["tokens"].__setitem__((0, 0), 10**6), "step tokens"),
     "fake-quantization-claim": (
-        set_key(["quantization"], {"scheme": "int8"}),
+        set_key(["quantization"], {"scheme": "int8", "bits": 8, "block_size": 32}),
         None,
         "MatMulNBits nodes have bits none",
     ),
     "tokenizer-outside-the-bundle": (set_key(["tokenizer"], "../../tokenizer.json"), None, "tokenizer"),
     "dtype-a-list": (set_key(["dtype"], ["fp32"]), None, "dtype"),
-    "source-not-an-object": (set_key(["source"], None), None, "source is not an object"),
+    "source-not-an-object": (set_key(["source"], None), None, "source is None, not an object"),
     "inputs-emptied": (set_key(["inputs"], []), None, "inputs do not match"),
 }
 
@@ -213,7 +213,8 @@ def test_deeply_nested_json_and_a_file_in_the_output_path_are_one_line(bundle, t
     result = CliRunner().invoke(
         main, ["optimize", str(bundle), str(tmp_path / "a_file" / "sub"), "--target", "portable"]
     )
-    assert result.exit_code == 2 and "cannot create" in result.output and len(result.output.splitlines()) == 1
+    assert result.exit_code == 2 and "is a file, not a directory" in result.output
+    assert len(result.output.splitlines()) == 1
 
 
 def test_a_quantization_claim_must_match_the_graphs_bits(bundle, tmp_path):
@@ -222,8 +223,176 @@ def test_a_quantization_claim_must_match_the_graphs_bits(bundle, tmp_path):
     int8 = optimize_bundle(
         bundle, tmp_path / "int8", target="ort", quantize="int8", check=False, progress=lambda m: None
     )
-    bad = edited(int8, tmp_path / "bad", set_key(["quantization", "scheme"], "int4"))
+
+    def claim_int4(manifest):
+        manifest["quantization"].update(scheme="int4", bits=4)
+
+    bad = edited(int8, tmp_path / "bad", claim_int4)
     result = CliRunner().invoke(main, ["verify", str(bad)])
     assert result.exit_code == 2 and "claims int4 quantization but the graph's MatMulNBits nodes have bits [8]" in (
         result.output
     )
+
+
+# --- the graph's own references, the bytes ONNX Runtime loads, the position table, links, the tokenizer ----------
+
+
+def with_external_data(bundle, dest, location=None, offset=None, manifest_data="model.onnx.data"):
+    """A copy whose graph keeps its initializers in model.onnx.data; optionally the first external tensor's
+    location or offset rewritten (a graph pointing elsewhere), with every sha256 updated to match."""
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    shutil.copytree(bundle, dest)
+    model = onnx.load(str(dest / "model.onnx"))
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="model.onnx.data")
+    onnx.save_model(model, str(dest / "model.onnx"))  # writes model.onnx.data beside it
+    model = onnx.load(str(dest / "model.onnx"), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    for entry in tensor.external_data:
+        if entry.key == "location" and location is not None:
+            entry.value = location
+        if entry.key == "offset" and offset is not None:
+            entry.value = str(offset)
+    (dest / "model.onnx").write_bytes(model.SerializeToString())
+    manifest = json.loads((dest / MANIFEST_FILE).read_text())
+    manifest["graph"]["external_data"] = manifest_data
+    manifest["graph"]["sha256"] = {n: sha256_file(dest / n) for n in ["model.onnx", manifest_data] if n}
+    (dest / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return dest
+
+
+def test_external_data_in_the_manifests_file_loads_from_the_verified_bytes(bundle, tmp_path):
+    good = with_external_data(bundle, tmp_path / "ext")
+    result = CliRunner().invoke(main, ["verify", str(good)])
+    assert result.exit_code == 0 and "parity ok" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "location, offset, manifest_data, message",
+    [
+        ("../outside.data", None, "model.onnx.data", "names external data '../outside.data'"),
+        ("/etc/passwd", None, "model.onnx.data", "names external data '/etc/passwd'"),
+        ("config.json", None, "model.onnx.data", "names external data 'config.json'"),
+        (None, 10**9, "model.onnx.data", "lies outside model.onnx.data"),
+        (None, None, None, "may reference only no external data"),
+    ],
+    ids=["parent-dir", "absolute", "another-bundle-file", "offset-past-the-end", "data-the-manifest-does-not-name"],
+)
+def test_a_graph_whose_external_data_leaves_the_manifests_file_is_refused(
+    bundle, tmp_path, location, offset, manifest_data, message
+):
+    bad = with_external_data(bundle, tmp_path / "bad", location, offset, manifest_data)
+    for command in (["verify", str(bad)], ["inspect", str(bad)], ["generate", str(bad), "--ids", "1,2"]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 2 and message in result.output, (command, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and isinstance(result.exception, SystemExit)
+
+
+def test_onnx_runtime_loads_the_bytes_that_were_hashed(bundle, tmp_path):
+    from bigcode_deploy.runtime.backends import open_backend
+    from bigcode_deploy.runtime.bundle import Bundle
+    from bigcode_deploy.runtime.errors import BundleError
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    opened = Bundle.open(copy)  # hashed and checked here
+    graph = (copy / "model.onnx").read_bytes()
+    (copy / "model.onnx").write_bytes(graph + b"\x00")  # changed between the check and the backend's load
+    with pytest.raises(BundleError, match="does not match the sha256"):
+        with open_backend(opened, "ort"):
+            pass
+
+
+def test_n_positions_beyond_the_graphs_position_table_is_refused(bundle, tmp_path):
+    def longer_context(manifest):
+        manifest["config"]["n_positions"] = 128
+        for name, rng in manifest["dims"].items():
+            if rng["max"] is not None:
+                rng["max"] = 127 if name == "past_sequence" else 128
+
+    bad = edited(bundle, tmp_path / "bad", longer_context)
+    result = CliRunner().invoke(main, ["generate", str(bad), "--ids", "1,2"])
+    assert result.exit_code == 2 and "config.n_positions is 128 but the graph's position table" in result.output
+    assert "holds 64 rows" in result.output, result.output
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "reference_outputs.safetensors", "tokenizer.json"])
+def test_a_file_linked_out_of_the_bundle_is_refused(bundle, tmp_path, name):
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if name == "tokenizer.json":
+        (outside / name).write_text("{}")
+        manifest = json.loads((bad / MANIFEST_FILE).read_text())
+        manifest["tokenizer"] = name
+        (bad / MANIFEST_FILE).write_text(json.dumps(manifest))
+    else:
+        shutil.move(bad / name, outside / name)
+    (bad / name).symlink_to(outside / name)
+    result = CliRunner().invoke(main, ["inspect", str(bad)])
+    assert result.exit_code == 2 and "outside the bundle directory" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_corrupt_tokenizer_is_a_bad_bundle_and_ids_do_not_need_it(bundle, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    (bad / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 7')  # cut short
+    manifest = json.loads((bad / MANIFEST_FILE).read_text())
+    manifest["tokenizer"] = "tokenizer.json"
+    (bad / MANIFEST_FILE).write_text(json.dumps(manifest))
+    runner = CliRunner()
+    result = runner.invoke(main, ["generate", str(bad), "--prompt", "def f():", "--max-new-tokens", "2"])
+    assert result.exit_code == 2 and "is not a tokenizer the tokenizers library reads" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and isinstance(result.exception, SystemExit)
+    result = runner.invoke(main, ["generate", str(bad), "--ids", "1,2", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    assert all(t.isdigit() for t in result.stdout.splitlines()[0].split(",")), result.stdout  # ids in, ids out
+
+
+def test_large_external_data_is_read_from_the_bundle_and_hashed_again(bundle, tmp_path, monkeypatch):
+    """Above IN_MEMORY_DATA_LIMIT ONNX Runtime reads the data file from the bundle directory; a file changed while it
+    loads is refused afterwards (the sha256 is checked again once the session exists)."""
+    import onnxruntime
+
+    from bigcode_deploy.runtime import bundle as bundle_module
+    from bigcode_deploy.runtime.backends import open_backend
+    from bigcode_deploy.runtime.bundle import Bundle
+    from bigcode_deploy.runtime.errors import BundleError
+    from bigcode_deploy.runtime.verify import verify_bundle
+
+    monkeypatch.setattr(bundle_module, "IN_MEMORY_DATA_LIMIT", 0)
+    ext = with_external_data(bundle, tmp_path / "ext")
+    assert verify_bundle(ext, write=False).ok
+    session = onnxruntime.InferenceSession
+
+    def loading_while_changed(*args, **kwargs):
+        created = session(*args, **kwargs)
+        with open(ext / "model.onnx.data", "r+b") as f:  # a byte flipped while ONNX Runtime had the file open
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 1]))
+        return created
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", loading_while_changed)
+    with pytest.raises(BundleError, match="changed while ONNX Runtime loaded it"):
+        with open_backend(Bundle.open(ext), "ort"):
+            pass
+
+
+def test_a_graph_whose_io_names_differ_from_the_manifest_is_refused_on_open(bundle, tmp_path):
+    import onnx
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    model = onnx.load(str(bad / "model.onnx"))
+    model.graph.output[0].name = "logitz"
+    (bad / "model.onnx").write_bytes(model.SerializeToString())
+    manifest = json.loads((bad / MANIFEST_FILE).read_text())
+    manifest["graph"]["sha256"]["model.onnx"] = sha256_file(bad / "model.onnx")
+    (bad / MANIFEST_FILE).write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["inspect", str(bad)])  # inspect loads no backend: the check is Bundle.open's
+    assert result.exit_code == 2 and "model.onnx's outputs (3: logitz" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1

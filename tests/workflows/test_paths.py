@@ -179,3 +179,75 @@ def test_verify_on_a_read_only_bundle_shows_its_verdict(exported, tmp_path, monk
     assert len(notes) == 1 and "read-only" in notes[0], result.stderr
     assert not (read_only / "parity.json").exists()
     assert sorted(p.name for p in read_only.iterdir()) == files
+
+
+def listing(*roots: Path) -> list[str]:
+    return sorted(str(p) for root in roots for p in root.rglob("*"))
+
+
+def test_output_paths_that_name_no_writable_directory_are_one_line(exported, tmp_path):
+    _, bundle, elsewhere = exported
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    cases = [
+        ([tmp_path / "a_file" / "out"], "a_file (in OUT_DIR's path) is a file, not a directory"),
+        ([tmp_path / "dangling"], "already exists (a dangling symbolic link)"),
+        ([tmp_path / "dangling" / "out"], "is a dangling symbolic link, not a directory"),
+        (["."], "names no new directory"),
+        ([".", "--force"], "names no new directory"),
+        (["..", "--force"], "names no new directory"),
+        (["/"], "names no new directory"),
+        ([tmp_path / ("n" * 256)], "is 256 bytes long"),
+    ]
+    before = listing(tmp_path, elsewhere)
+    for out, fragment in cases:
+        result = cli("optimize", bundle, *out, "--target", "portable", "--no-check", cwd=elsewhere)
+        one_line_error(result, fragment)
+    assert listing(tmp_path, elsewhere) == before and (tmp_path / "dangling").is_symlink()
+
+
+def test_a_name_of_255_bytes_stages_within_the_limit(exported, tmp_path):
+    _, bundle, elsewhere = exported
+    out = tmp_path / ("n" * 255)  # the staging name (.NAME.partial-HOST-PID-TOKEN) is shortened to fit
+    result = cli("optimize", bundle, out, "--target", "portable", "--no-check", cwd=elsewhere)
+    assert result.exit_code == 0, result.output
+    assert (out / "manifest.json").is_file() and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_a_read_only_parent_is_one_line_and_leaves_nothing(exported, tmp_path, monkeypatch):
+    _, bundle, elsewhere = exported
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    mkdir = Path.mkdir
+
+    def refusing(self, *args, **kwargs):  # root writes through the mode bits: refuse as a read-only mount would
+        if self.parent == read_only:
+            raise PermissionError(13, "Permission denied", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refusing)
+    try:
+        result = cli("optimize", bundle, read_only / "out", "--target", "portable", "--no-check", cwd=elsewhere)
+    finally:
+        read_only.chmod(0o755)
+    one_line_error(result, f"cannot write in {read_only}", "Permission denied")
+    assert list(read_only.iterdir()) == []
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(exported, tmp_path, monkeypatch):
+    import errno
+
+    _, bundle, elsewhere = exported
+    write_text = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if ".partial-" in self.parent.name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    out = tmp_path / "new" / "deeper" / "out"  # two parents created by this run: removed again
+    result = cli("optimize", bundle, out, "--target", "portable", "--no-check", cwd=elsewhere)
+    one_line_error(result, f"writing OUT_DIR {out} failed: No space left on device", "nothing was written")
+    assert list(tmp_path.iterdir()) == []
