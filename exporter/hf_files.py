@@ -11,7 +11,8 @@ loads a bundle directory as it is. What Optimum reads, and why each file is writ
 - config.json: read with transformers' AutoConfig, so it must be a transformers-loadable GPTBigCode config. Optimum
   needs model_type "gpt_bigcode" (it selects the cache layout), multi_query (MQA or MHA past shape), n_embd and n_head
   (head_dim); GenerationMixin reads the token ids. It is written from the validated GPTBigCodeConfig the graph was
-  built from (config.to_dict(): model_type plus every field, aliases canonical), not copied from the checkpoint:
+  built from (config.to_dict(extra=False): model_type plus every model field, aliases canonical; for the original
+  SantaCoder format, the GPTBigCode config it maps to), not copied from the checkpoint:
   the bundle's config then describes its graph (use_cache says whether the graph has a cache; architectures names
   the causal-lm head), it holds no field this exporter ignored (auto_map remote code, timm/diffusers markers that
   would make Optimum infer another library, generation parameters that Optimum moves with a warning), and writing it
@@ -19,7 +20,8 @@ loads a bundle directory as it is. What Optimum reads, and why each file is writ
   bundle exported without a cache loads with `from_pretrained(bundle_dir, use_cache=False)`.
 - generation_config.json: read with GenerationConfig.from_pretrained (Optimum falls back to one derived from
   config.json when absent). The checkpoint's is copied unchanged when it has one (it holds the model's decoding
-  defaults); otherwise a minimal one holds bos/eos/pad token ids of the config.
+  defaults); otherwise a minimal one holds bos/eos/pad token ids of the config. Its eos_token_id (an id or a list)
+  becomes the manifest's stop_token_ids (stop_token_ids below), which the runtime stops on by default.
 
 Other tasks (base, sequence/token classification) get no Hugging Face files. Nothing here imports transformers.
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bigcode_deploy.exporter.config import GPTBigCodeConfig
+from bigcode_deploy.runtime.errors import ConfigError
 from bigcode_deploy.runtime.manifest import GENERATION_CONFIG_FILE, GRAPH_DTYPES, HF_CONFIG_FILE
 
 # The tasks whose bundles carry the Hugging Face files, and the transformers class each one's graph corresponds to.
@@ -41,7 +44,7 @@ ARCHITECTURES = {"causal-lm": "GPTBigCodeForCausalLM"}
 def hf_config(config: GPTBigCodeConfig, task: str, cache: bool, dtype: str | None = None) -> dict[str, Any]:
     """The config.json dict of a bundle's graph (transformers' GPTBigCodeConfig accepts every key); torch_dtype is
     the graph's dtype (fp16 -> "float16") when given, not the checkpoint's."""
-    raw = config.to_dict()
+    raw = config.to_dict(extra=False)  # the model's fields only: no auto_map, no other format's architectures
     raw["architectures"] = [ARCHITECTURES[task]]
     raw["use_cache"] = cache
     if dtype is not None:
@@ -56,6 +59,31 @@ def generation_config(config: GPTBigCodeConfig) -> dict[str, Any]:
         for name in ("bos_token_id", "eos_token_id", "pad_token_id")
         if getattr(config, name) is not None
     }
+
+
+def stop_token_ids(source_dir: Path, config: GPTBigCodeConfig) -> list[int]:
+    """The ids that end generation by default (the manifest's stop_token_ids), as transformers decides them: the
+    checkpoint's generation_config.json eos_token_id when the file sets it (an int, or a list: any of them stops; null:
+    none), else config.json's eos_token_id. Raises ConfigError (one line) for a file that is not JSON or an id that is
+    not a token id in [0, vocab_size)."""
+    path = Path(source_dir) / GENERATION_CONFIG_FILE
+    eos, where = config.eos_token_id, f"{HF_CONFIG_FILE} field eos_token_id"
+    if path.is_file():
+        try:
+            generation = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise ConfigError(
+                f"{path} is not valid JSON ({type(exc).__name__}); re-save the checkpoint's file"
+            ) from None
+        if isinstance(generation, dict) and "eos_token_id" in generation:
+            eos, where = generation["eos_token_id"], f"{path} field eos_token_id"
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    for token in ids:
+        if type(token) is not int or not 0 <= token < config.vocab_size:  # noqa: E721 (bool is not an id)
+            raise ConfigError(
+                f"{where}={eos!r} holds {token!r}, not a token id in [0, {config.vocab_size}): fix the file"
+            )
+    return list(dict.fromkeys(ids))  # once each, in the file's order
 
 
 def write_hf_files(

@@ -215,15 +215,22 @@ class GPTBigCodeForCausalLM(nn.Module):
 def last_token_index(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int | None
 ) -> torch.Tensor:
-    """Index of each row's last real token (B,), for left or right padding.
+    """Index of each row's pooled token (B,), for left or right padding: transformers 4.53's rule.
 
-    From attention_mask when given; else transformers 4.53's rule: the rightmost token that is not pad_token_id.
+    With pad_token_id set: the rightmost token that is not pad_token_id (so a text ending in pad ids, e.g. eos used
+    as pad, pools before them, as the classifier was trained); a slot the attention_mask marks 0 counts as padding
+    whatever id it holds, which gives transformers' result for its own inputs (pad slots hold pad_token_id). A row
+    of pad ids only pools at 0, as in transformers. Without pad_token_id: the last position the attention_mask marks
+    real (transformers takes the last position and refuses a batch > 1 there). pad_token_id is a config constant,
+    so an exported graph computes this from input_ids and attention_mask with no other input.
     """
     B, T = input_ids.shape
-    if attention_mask is not None:
+    if pad_token_id is not None:
+        real = (input_ids != pad_token_id).to(torch.int64)  # (B, T)
+        if attention_mask is not None:
+            real = real * attention_mask.to(torch.int64)
+    elif attention_mask is not None:
         real = attention_mask.to(torch.int64)
-    elif pad_token_id is not None:
-        real = (input_ids != pad_token_id).to(torch.int64)
     elif B == 1:
         return torch.full((1,), T - 1, dtype=torch.long, device=input_ids.device)
     else:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bigcode_deploy.runtime.errors import BigCodeError, ContextOverflow
+from bigcode_deploy.runtime.manifest import Manifest
 from bigcode_deploy.runtime.sampling import Sampler, SamplingOptions
 from bigcode_deploy.runtime.session import DecodingSession
 
@@ -16,12 +17,13 @@ from bigcode_deploy.runtime.session import DecodingSession
 @dataclass(frozen=True)
 class GenerationOptions:
     max_new_tokens: int = 32
-    stop_token_ids: tuple[int, ...] | None = None  # None: the config's eos token(s)
+    stop_token_ids: tuple[int, ...] | None = None  # None: the bundle's (manifest stop_token_ids); (): none
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise BigCodeError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        value = self.max_new_tokens
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise BigCodeError(f"max_new_tokens={str(value)[:40]} must be an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -43,14 +45,19 @@ class GenerationStats:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
 
-def stop_ids(config: dict, options: GenerationOptions) -> set[int]:
+def stop_ids(manifest: Manifest, options: GenerationOptions) -> set[int]:
+    """The ids that end a row: the caller's stop_token_ids when given (() for none), else the bundle's default, the
+    manifest's stop_token_ids (generation_config.json's eos_token_id, an int or a list, else config.json's), or for a
+    manifest that does not record them, config.json's eos_token_id. Raises BigCodeError for an id outside the vocab."""
+    vocab = manifest.config["vocab_size"]
     if options.stop_token_ids is not None:
-        vocab = config["vocab_size"]
         bad = [t for t in options.stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise BigCodeError(f"stop token {bad[0]!r} is not a token id in [0, {vocab})")
         return set(options.stop_token_ids)
-    eos = config.get("eos_token_id")
+    if manifest.stop_token_ids is not None:
+        return set(manifest.stop_token_ids)
+    eos = manifest.config.get("eos_token_id")
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
@@ -85,7 +92,7 @@ def continue_stream(
         )
     stats = stats if stats is not None else GenerationStats()
     sampler = Sampler(options.sampling)
-    stops = stop_ids(session.bundle.config, options)
+    stops = stop_ids(session.bundle.manifest, options)
     seen = [list(p) for p in prompts]  # each row's tokens so far (the repetition penalty reads them)
     produced = np.zeros(len(prompts), dtype=np.int64)
     start = time.perf_counter()

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 from bigcode_deploy.runtime.bundle import Bundle
-from bigcode_deploy.runtime.errors import BigCodeError
+from bigcode_deploy.runtime.errors import BigCodeError, BundleError
+from bigcode_deploy.runtime.manifest import MAX_TOKENIZER_BYTES
 
 
 def load_tokenizer(bundle: Bundle):
-    """The bundle's tokenizers.Tokenizer, or None when the bundle has no tokenizer.json."""
+    """The bundle's tokenizers.Tokenizer, or None when the bundle has no tokenizer.json.
+
+    Raises BundleError when the file named is missing, leaves the bundle, exceeds MAX_TOKENIZER_BYTES, or is not a
+    tokenizer the tokenizers library reads (a corrupt tokenizer.json is a bad bundle)."""
     name = bundle.manifest.tokenizer
     if not name:
         return None
     from tokenizers import Tokenizer
 
-    path = bundle.path / name
-    if not path.is_file():
-        raise BigCodeError(f"{path} is named in manifest.json but missing from the bundle; re-export it")
-    return Tokenizer.from_file(str(path))
+    path = bundle.file(name, "the tokenizer")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise BundleError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
+    if size > MAX_TOKENIZER_BYTES:
+        raise BundleError(f"{path} is larger than {MAX_TOKENIZER_BYTES >> 20} MiB, more than a tokenizer; re-export it")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises a plain Exception for a file it cannot read
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise BundleError(f"{path} is not a tokenizer the tokenizers library reads ({first}); re-export it") from None
 
 
 def parse_ids(text: str) -> list[int]:
@@ -27,16 +39,21 @@ def parse_ids(text: str) -> list[int]:
 
 
 class IncrementalDecoder:
-    """Decodes a growing token list and returns only the new text (a byte-level BPE token can end mid-character)."""
+    """Decodes a growing token list and returns only the new text (a byte-level BPE token can end mid-character).
 
-    def __init__(self, tokenizer):
+    show_special: whether special tokens (the tokenizer's added tokens marked special: <|endoftext|>, the FIM tokens)
+    are printed; by default their text is left out, as transformers' decode(skip_special_tokens=True) does. The ids
+    themselves are not changed: a caller still sees every token id."""
+
+    def __init__(self, tokenizer, show_special: bool = False):
         self.tokenizer = tokenizer
+        self.skip_special = not show_special
         self.tokens: list[int] = []
         self.text = ""
 
     def push(self, token: int) -> str:
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=False)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return ""
         new, self.text = text[len(self.text) :], text
