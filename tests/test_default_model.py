@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from bigcode_deploy.exporter.checkpoint import default_model_dir, load_model
 from bigcode_deploy.exporter.export import export_bundle
 from bigcode_deploy.runtime.api import open_generator
+from bigcode_deploy.runtime.eval import default_eval_files, evaluate, read_sources
 from bigcode_deploy.runtime.parity import QUANTIZED_CRITERIA
 from bigcode_deploy.runtime.progress import quiet
 from bigcode_deploy.runtime.verify import verify_bundle
@@ -98,3 +100,35 @@ def test_text_prompt_streams_python_looking_text(bundles):
         pieces, _ = g.stream_text("def fibonacci(n):", max_new_tokens=48)
         text = "".join(pieces)
     assert len(text) > 20 and "\n" in text  # a body on new lines, not noise on one line
+
+
+# `bigcode-deploy eval` on a small sample (the first 40 of the README's 500 lines, 4 of its 32 perplexity windows),
+# with bounds from the full runs (README, "Fill-in-the-middle and eval"). Measured here on the 40-line sample:
+# perplexity 37.71 (fp32), 37.73 (int8), 37.84 (int4); left-to-right exact 0, 1, 0 of 40 lines (the full run: 27,
+# 28, 23 of 500). The FIM-trained candidate (README; a model with FIM tokens) measured 34.98 / 34.98 / 35.55,
+# left-to-right 2 / 2 / 2 and FIM 0 / 0 / 0 of 40 (full run: 38 / 39 / 34 and 5 / 5 / 5 of 500), so these bounds
+# hold for either model embedded.
+EVAL_SAMPLE = dict(lines=40, windows=4, window=256, prefix_tokens=136, suffix_tokens=68)
+EVAL_FP32_PERPLEXITY = {"no FIM tokens": 37.71, "FIM tokens": 34.98}
+
+
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="the held-out files are Python 3.11's standard library")
+def test_eval_on_held_out_code_within_the_full_runs_bounds(bundles):
+    sources = read_sources(default_eval_files())
+    results = {}
+    for name in ("portable", "int8", "int4"):
+        with open_generator(bundles[name]) as g:
+            results[name] = evaluate(g, sources, **EVAL_SAMPLE, progress=quiet)
+    fp32, int8, int4 = results["portable"], results["int8"], results["int4"]
+    kind = "FIM tokens" if fp32.fim.exact_match is not None else "no FIM tokens"
+    assert fp32.perplexity == pytest.approx(EVAL_FP32_PERPLEXITY[kind], rel=0.03)
+    # The issue's quantization targets: int8 within 2% perplexity and 1 point, int4 within 8% and 3 points (on 40
+    # lines one line is 2.5 points: allow one line for int8 and two for int4 against the fp32 sample).
+    assert int8.perplexity <= fp32.perplexity * 1.02 and int4.perplexity <= fp32.perplexity * 1.08
+    assert abs(int8.l2r.correct - fp32.l2r.correct) <= 1 and abs(int4.l2r.correct - fp32.l2r.correct) <= 2
+    for r in results.values():
+        assert r.l2r.lines == 40 and r.l2r.correct <= 8  # the full runs' rates are 5-8%
+        if kind == "FIM tokens":
+            assert r.fim.correct <= 4  # 1.0% in the full run: the FIM target is not met by this model
+        else:
+            assert r.fim.exact_match is None and "no FIM tokens" in r.fim.reason
