@@ -20,9 +20,10 @@ from torch.export import Dim
 from bigcode_deploy.exporter.checkpoint import default_model_dir, load_model, source_record
 from bigcode_deploy.exporter.config import GPTBigCodeConfig
 from bigcode_deploy.exporter.dtypes import dtype_name
-from bigcode_deploy.exporter.hf_files import write_hf_files
+from bigcode_deploy.exporter.hf_files import stop_token_ids, write_hf_files
 from bigcode_deploy.exporter.onnx_functions import FUNCTIONS
 from bigcode_deploy.runtime.errors import BigCodeError
+from bigcode_deploy.runtime.fim import DEFAULT_FIM_MODE, check_mode, fim_record
 from bigcode_deploy.runtime.hashing import sha256_files
 from bigcode_deploy.runtime.manifest import (
     BATCH,
@@ -159,6 +160,7 @@ def export_bundle(
     external_data: bool = False,
     force: bool = False,
     check: bool = True,
+    fim_mode: str = DEFAULT_FIM_MODE,
     progress: Progress = print_progress,
 ) -> Path:
     """Write a deployment bundle for the checkpoint in model_dir (None: the embedded default) to out_dir.
@@ -175,12 +177,15 @@ def export_bundle(
     while this one ran), an out_dir that is or contains model_dir, an unsupported opset or an uncheckable dtype
     (bf16 with check); ConfigError/CheckpointError for a checkpoint that cannot be read; ParityError when ONNX
     Runtime disagrees with the reference. Nothing is left under out_dir on failure, nor beside it
-    (bigcode_deploy.runtime.staging). manifest.json records the source checkpoint resolved, with its sha256."""
+    (bigcode_deploy.runtime.staging). manifest.json records the source checkpoint resolved, with its sha256 and its
+    format (gpt_bigcode, or the original SantaCoder format, mapped on load), every field of its config.json, and
+    (causal-lm) the default stop ids from generation_config.json."""
     from bigcode_deploy.exporter.check import check_bundle  # the check runs ONNX Runtime; imported only when exporting
     from bigcode_deploy.exporter.reference_capture import capture_reference
 
     out_dir = Path(out_dir)
     source_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    check_mode(fim_mode)  # psm or spm: the FIM prompt order recorded for the bundle (runtime/fim.py)
     if opset not in OPSETS:
         raise BigCodeError(f"--opset {opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1}")
     refuse_existing(out_dir, force, inputs=[source_dir])  # never the checkpoint itself, nor a folder holding it
@@ -192,6 +197,7 @@ def export_bundle(
 
     with step(progress, f"loading {source_dir} ({task}, {dtype})"):
         model, config = load_model(source_dir, task=task, dtype=dtype)
+    stops = stop_token_ids(source_dir, config) if task == "causal-lm" else None  # before any work: a bad file fails
     cache = has_cache(task, use_cache)
     torch_dtype = next(model.parameters()).dtype
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -212,8 +218,10 @@ def export_bundle(
                 if name == TOKENIZER_FILE:
                     tokenizer = name
         hf_files = write_hf_files(source_dir, staging, config, task, cache=cache)
+        fim = fim_record(staging / tokenizer, fim_mode) if tokenizer and task == "causal-lm" else None
         with step(progress, "hashing the source checkpoint"):
             source = source_record(source_dir)  # resolved: commands run from any directory find it
+            source["format"] = config.source_format  # gpt_bigcode, or santacoder-gpt2-mq (mapped on load)
         manifest = Manifest.build(
             config.to_dict(),
             task=task,
@@ -226,6 +234,8 @@ def export_bundle(
             tokenizer=tokenizer,
             custom_ops_used=custom_ops_used,
             hf_files=hf_files,
+            stop_token_ids=stops,
+            fim=fim,
         )
         with step(progress, "capturing the torch reference outputs (fp32, teacher-forced)"):
             manifest.reference = capture_reference(source_dir, manifest, staging, model=model)

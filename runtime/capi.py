@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
 import traceback
 import weakref
@@ -32,6 +33,7 @@ from bigcode_deploy.runtime.errors import (
 )
 from bigcode_deploy.runtime.parity_record import parity_summary
 
+MAX_BATCH = 1 << 16  # rows one prefill may take: bounds what is read from the caller's arrays
 (OK, INVALID_ARGUMENT, BAD_BUNDLE, CONTEXT_OVERFLOW, BACKEND_UNAVAILABLE, CANCELLED, STATE, INTERNAL) = range(8)
 # 8, BCR_ERR_RUNTIME_UNAVAILABLE, is returned by the C side only (Python did not start).
 
@@ -214,9 +216,22 @@ def install(ffi, lib) -> None:
         return s
 
     def text(ptr, name: str) -> str:
+        """A NUL-terminated UTF-8 argument; BigCodeError (INVALID_ARGUMENT) for NULL or bytes that are not UTF-8."""
         if ptr == ffi.NULL:
             raise BigCodeError(f"{name} is NULL")
-        return ffi.string(ptr).decode("utf-8")
+        data = ffi.string(ptr)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BigCodeError(
+                f"{name} is not valid UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start}); pass UTF-8 text"
+            ) from None
+
+    def path_arg(ptr, name: str) -> str:
+        """A file system path: bytes as the OS takes them (a name that is not UTF-8 is still a name)."""
+        if ptr == ffi.NULL:
+            raise BigCodeError(f"{name} is NULL")
+        return os.fsdecode(ffi.string(ptr))
 
     # bcr_version and bcr_sampling_options_default are plain C (capi_build.py): they work without Python.
 
@@ -237,7 +252,7 @@ def install(ffi, lib) -> None:
             if options.backend != ffi.NULL:
                 backend = text(options.backend, "options.backend")
             threads = int(options.threads)
-        out[0] = new_handle(BundleHandle(text(path, "path"), backend, threads), "bcr_bundle *")
+        out[0] = new_handle(BundleHandle(path_arg(path, "path"), backend, threads), "bcr_bundle *")
 
     @entry
     def bcr_bundle_info(bundle, buffer, capacity, needed):
@@ -279,12 +294,17 @@ def install(ffi, lib) -> None:
     @entry
     def bcr_session_prefill_ids(session, prompts, lengths, batch):
         s = lookup(session, Session, "session")
-        if prompts == ffi.NULL or lengths == ffi.NULL or batch <= 0:
-            raise BigCodeError("prompts and lengths must be non-NULL and batch >= 1")
+        if prompts == ffi.NULL or lengths == ffi.NULL or not 1 <= batch <= MAX_BATCH:
+            raise BigCodeError(f"prompts and lengths must be non-NULL and batch in [1, {MAX_BATCH}], got {batch}")
+        n_positions = s.owner.generator.bundle.manifest.config["n_positions"]
         rows = []
         for i in range(batch):
             if prompts[i] == ffi.NULL or lengths[i] <= 0:
                 raise BigCodeError(f"prompt {i} is NULL or empty")
+            if lengths[i] > n_positions:  # checked before reading: never past the caller's array for a bad length
+                raise ContextOverflow(
+                    f"prompt {i} has {lengths[i]} tokens; it exceeds the model's context of {n_positions} positions"
+                )
             rows.append(list(ffi.unpack(prompts[i], lengths[i])))
         s.prefill(rows)
 
@@ -295,10 +315,21 @@ def install(ffi, lib) -> None:
 
     @entry
     def bcr_session_generate(session, options, callback, user_data, generated):
+        generate_from(prefilled(session, "generate"), options, callback, user_data, generated)
+
+    @entry
+    def bcr_infill(session, prefix, suffix, options, callback, user_data, generated):
+        s = lookup(session, Session, "session")
+        generator = s.owner.generator
+        s.prefill([generator.fim_prompter().prompt(text(prefix, "prefix"), text(suffix, "suffix"))])
+        generate_from(s, options, callback, user_data, generated, default_stops=generator.infill_stops())
+
+    def generate_from(s, options, callback, user_data, generated, default_stops=None):
+        """bcr_session_generate's work on a prefilled session; default_stops: the ids that end a row when the options
+        name none (None: the bundle's)."""
         from bigcode_deploy.runtime.generate import GenerationStats, continue_stream
         from bigcode_deploy.runtime.text import IncrementalDecoder
 
-        s = prefilled(session, "generate")
         if generated != ffi.NULL:
             generated[0] = 0
         o = options
@@ -308,7 +339,9 @@ def install(ffi, lib) -> None:
         if o.num_stop_token_ids < 0:
             stops = ()
         elif o.num_stop_token_ids == 0 or o.stop_token_ids == ffi.NULL:
-            stops = None
+            stops = default_stops
+        elif o.num_stop_token_ids > s.owner.generator.bundle.manifest.config["vocab_size"]:
+            raise BigCodeError(f"num_stop_token_ids {o.num_stop_token_ids} is more than the vocabulary's size")
         else:
             stops = tuple(ffi.unpack(o.stop_token_ids, o.num_stop_token_ids))
         options_py = s.owner.generator.options(
@@ -321,7 +354,8 @@ def install(ffi, lib) -> None:
             stop_token_ids=stops,
         )
         tokenizer = s.owner.generator.tokenizer
-        decoders = [IncrementalDecoder(tokenizer) for _ in s.seen] if tokenizer is not None else None
+        show_special = bool(o.show_special)
+        decoders = [IncrementalDecoder(tokenizer, show_special) for _ in s.seen] if tokenizer is not None else None
         logits, s.logits = s.logits, None  # the rows are consumed by this generation: prefill again after it
         count = 0
         for event in continue_stream(s.decoding, logits, s.seen, options_py, GenerationStats()):

@@ -46,13 +46,20 @@ extern "C" {
 
 typedef enum bcr_status {
     BCR_OK = 0,
-    BCR_ERR_INVALID_ARGUMENT = 1,     /* a NULL handle or pointer, a bad option value, an out-of-vocabulary id */
-    BCR_ERR_BAD_BUNDLE = 2,           /* a missing path or file, another format version, a graph hash mismatch */
+    BCR_ERR_INVALID_ARGUMENT = 1,     /* a NULL pointer, a bad option value (threads outside [0, 1024], a
+                                         count outside its range), an out-of-vocabulary id, a text or backend
+                                         name that is not UTF-8 */
+    BCR_ERR_BAD_BUNDLE = 2,           /* anything wrong with the bundle: a missing path or file, another format
+                                         version, a manifest field of the wrong type or range, a graph hash
+                                         mismatch, a file that resolves outside the bundle, a corrupt
+                                         tokenizer.json (reported when the tokenizer is first needed: info,
+                                         prefill_text, generate) */
     BCR_ERR_CONTEXT_OVERFLOW = 3,     /* prompt plus max_new_tokens beyond the model's context */
     BCR_ERR_BACKEND_UNAVAILABLE = 4,  /* e.g. backend "tensorrt" without TensorRT or a GPU */
     BCR_ERR_CANCELLED = 5,            /* bcr_session_cancel was called, or the callback returned non-zero */
     BCR_ERR_STATE = 6,                /* a call out of order (generate before prefill), a closed handle */
-    BCR_ERR_INTERNAL = 7,             /* a bug: the message carries the Python exception */
+    BCR_ERR_INTERNAL = 7,             /* a bug only (never a bad argument or bundle): the message carries the
+                                         Python exception */
     BCR_ERR_RUNTIME_UNAVAILABLE = 8   /* the embedded Python runtime could not start: see "Status and errors" */
 } bcr_status;
 
@@ -61,7 +68,7 @@ typedef struct bcr_session bcr_session;
 
 typedef struct bcr_open_options {
     const char *backend; /* "ort" (default when NULL), "torch" or "tensorrt" */
-    int32_t threads;     /* intra-op threads; 0: the library's default */
+    int32_t threads;     /* intra-op threads in [0, 1024]; 0: the library's default */
 } bcr_open_options;
 
 typedef struct bcr_sampling_options {
@@ -72,8 +79,12 @@ typedef struct bcr_sampling_options {
     float repetition_penalty;       /* 1: off */
     int64_t seed;                   /* used when has_seed is non-zero */
     int32_t has_seed;
-    const int32_t *stop_token_ids;  /* NULL with num_stop_token_ids 0: the model's eos; num < 0: no stop token */
+    const int32_t *stop_token_ids;  /* NULL with num_stop_token_ids 0: the bundle's stop ids (the manifest's
+                                       stop_token_ids: generation_config.json's eos_token_id, an id or a list, any
+                                       of which stops); num < 0: no stop token */
     int32_t num_stop_token_ids;
+    int32_t show_special;           /* non-zero: the callback's text includes special tokens (<|endoftext|>, FIM
+                                       tokens); 0 (default): their text is "" (the token id is passed either way) */
 } bcr_sampling_options;
 
 /* Called once per new token, in order. text is the token's decoded text when the bundle has a tokenizer (may be
@@ -84,9 +95,10 @@ typedef int32_t (*bcr_token_callback)(void *user_data, int32_t row, int32_t toke
 /* Library */
 const char *bcr_version(void);     /* never NULL */
 const char *bcr_last_error(void);  /* never NULL; "" after a call that succeeded */
-void bcr_sampling_options_default(bcr_sampling_options *options); /* greedy, 32 tokens, eos stops */
+void bcr_sampling_options_default(bcr_sampling_options *options); /* greedy, 32 tokens, the bundle's stop ids */
 
 /* Bundles */
+/* path: the bundle directory, bytes as the file system takes them (need not be UTF-8). */
 bcr_status bcr_bundle_open(const char *path, const bcr_open_options *options, bcr_bundle **out);
 /* A JSON object: task, dtype, target, vocab_size, n_positions, has_tokenizer, backend, and parity: {"status":
  * "ok" | "failed" | "none", "reason", and the report's summary fields}; "none" (with the reason) when parity.json
@@ -97,12 +109,22 @@ void bcr_bundle_close(bcr_bundle *bundle);
 
 /* Sessions */
 bcr_status bcr_session_create(bcr_bundle *bundle, bcr_session **out);
+/* batch in [1, 65536]; lengths[i] >= 1. A length beyond the model's context is BCR_ERR_CONTEXT_OVERFLOW, found
+ * before prompts[i] is read. */
 bcr_status bcr_session_prefill_ids(bcr_session *session, const int32_t *const *prompts, const int32_t *lengths,
                                    int32_t batch);
+/* text: UTF-8 (other bytes: BCR_ERR_INVALID_ARGUMENT); needs the bundle's tokenizer.json. */
 bcr_status bcr_session_prefill_text(bcr_session *session, const char *text);
 /* Generate from the prefilled rows; *generated (if not NULL) gets the number of tokens produced (all rows). */
 bcr_status bcr_session_generate(bcr_session *session, const bcr_sampling_options *options,
                                 bcr_token_callback callback, void *user_data, int32_t *generated);
+/* Fill in the middle: prefill the session with the FIM prompt of prefix and suffix (UTF-8 text; the bundle's order,
+ * PSM or SPM, from the manifest's fim record), then generate as bcr_session_generate does. With no stop ids in the
+ * options, the middle ends at the bundle's stop ids or <file_sep> where the vocabulary has it; the callback gets
+ * every token of the middle, then the stop token (its text "" unless show_special). BCR_ERR_INVALID_ARGUMENT (with
+ * one line in bcr_last_error) when the bundle has no tokenizer or its tokenizer no FIM tokens. */
+bcr_status bcr_infill(bcr_session *session, const char *prefix, const char *suffix, const bcr_sampling_options *options,
+                      bcr_token_callback callback, void *user_data, int32_t *generated);
 /* One cached decode step: one token per active row. */
 bcr_status bcr_session_step(bcr_session *session, const int32_t *tokens, int32_t count);
 /* The last logits, row-major (rows x vocab), float32. capacity is in floats. */
