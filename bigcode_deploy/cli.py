@@ -485,10 +485,9 @@ def bench(bundle, prompt_len, new_tokens, batch, backend, repeats, model_dir, th
 
     from bigcode_deploy.runtime.bench import bench_bundle
 
-    if not as_json:
-        click.echo(f"benchmarking {bundle} on {backend} ({repeats} repeats after a warm-up) ...", err=True)
     result = bench_bundle(
         bundle,
+        progress=None if as_json else (lambda line: click.echo(line, err=True)),
         prompt_len=prompt_len,
         new_tokens=new_tokens,
         batch=batch,

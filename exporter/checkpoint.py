@@ -23,13 +23,14 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from bigcode_deploy.exporter.config import GPTBigCodeConfig
-from bigcode_deploy.exporter.dtypes import TORCH_DTYPES
+from bigcode_deploy.exporter.dtypes import TORCH_DTYPES, weight_problem
 from bigcode_deploy.exporter.json_file import read_json
 from bigcode_deploy.exporter.model import build_model
 from bigcode_deploy.exporter.santacoder_format import SANTACODER_FORMAT, WeightMapper
 from bigcode_deploy.runtime.errors import CheckpointError, ConfigError
 from bigcode_deploy.runtime.hashing import sha256_files
 from bigcode_deploy.runtime.manifest_schema import short
+from bigcode_deploy.runtime.staging import require_utf8_path
 
 # Keys a checkpoint may hold that no task here loads: buffers older transformers saved, and the heads of
 # other tasks (a causal-lm file loaded as a base model, say).
@@ -235,6 +236,7 @@ def load_model(
 ) -> tuple[nn.Module, GPTBigCodeConfig]:
     """Build the task's reference model from a checkpoint directory, in eval mode, in the given dtype."""
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    require_utf8_path(model_dir, "model directory")
     if not model_dir.is_dir():
         raise CheckpointError(f"model directory {model_dir} does not exist")
     torch_dtype = parse_dtype(dtype)
@@ -263,23 +265,12 @@ def load_model(
                 if not any(p.match(name) or p.match(canonical_key(raw_name, True)) for p in IGNORED_KEYS):
                     unexpected.append(f"{printable(raw_name)} (in {path.name})")
                 continue
-            if not tensor.is_floating_point():
-                raise CheckpointError(
-                    f"tensor {printable(raw_name)} in {path.name} holds {str(tensor.dtype).removeprefix('torch.')} "
-                    "values: a weight must be floating point (float32, float16 or bfloat16); re-save the checkpoint"
-                )
+            if problem := weight_problem(tensor):
+                raise CheckpointError(f"tensor {printable(raw_name)} in {path.name} {problem}")
             if tuple(tensor.shape) != tuple(expected[name]):
                 raise CheckpointError(
                     f"tensor {printable(raw_name)} in {path.name} has shape {tuple(tensor.shape)} but config.json "
                     f"implies {tuple(expected[name])}: the weights and config.json do not belong together"
-                )
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                # Every weight, not only those the reference prompts reach: a NaN in a position embedding row
-                # past the prompts' lengths would pass any parity check and break generation later.
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise CheckpointError(
-                    f"tensor {printable(raw_name)} in {path.name} holds {bad} non-finite value(s) (NaN or inf): the "
-                    "checkpoint is broken; re-save it from a good copy"
                 )
             loaded[name] = tensor.to(torch_dtype)
     if mapper:

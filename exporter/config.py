@@ -9,7 +9,7 @@ from typing import Any
 
 from bigcode_deploy.exporter.json_file import read_json
 from bigcode_deploy.runtime.errors import ConfigError
-from bigcode_deploy.runtime.manifest import MAX_DIM, MAX_LAYERS
+from bigcode_deploy.runtime.manifest import MAX_DIM, MAX_LAYERS, MAX_STOP_IDS
 from bigcode_deploy.runtime.manifest_schema import short
 
 # The activations transformers' ACT2FN maps for this model family; exporter.model implements each.
@@ -31,7 +31,7 @@ FLAG_FIELDS = (  # JSON booleans only: "false" (a string) or 0 is refused, never
 )
 DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout")  # [0, 1]; classifier_dropout null
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # null or [0, vocab_size); eos also a list
-MAX_EOS_IDS = 64  # eos_token_id as a list: at most this many ids (the manifest's bound)
+MAX_EOS_IDS = MAX_STOP_IDS  # eos_token_id as a list: at most this many ids (the manifest's bound)
 MAX_CONFIG_BYTES = 8 << 20  # config.json (StarCoder's: 1 kB; an id2label of 100k labels: ~3 MB)
 CONFIG_FIX = "fix or re-save the checkpoint's config.json"
 

@@ -22,7 +22,7 @@ from bigcode_deploy.exporter.config import GPTBigCodeConfig
 from bigcode_deploy.exporter.dtypes import dtype_name
 from bigcode_deploy.exporter.hf_files import stop_token_ids, write_hf_files
 from bigcode_deploy.exporter.onnx_functions import FUNCTIONS
-from bigcode_deploy.runtime.errors import BigCodeError
+from bigcode_deploy.runtime.errors import BigCodeError, CheckpointError
 from bigcode_deploy.runtime.fim import DEFAULT_FIM_MODE, check_mode, fim_record
 from bigcode_deploy.runtime.hashing import sha256_files
 from bigcode_deploy.runtime.manifest import (
@@ -43,6 +43,7 @@ from bigcode_deploy.runtime.manifest import (
 )
 from bigcode_deploy.runtime.progress import Progress, print_progress, step
 from bigcode_deploy.runtime.staging import refuse_existing, staged_dir
+from bigcode_deploy.runtime.text import read_tokenizer
 from bigcode_deploy.runtime.version import __version__
 
 # A protobuf holds at most 2 GiB: above this many weight bytes the graph always gets external data.
@@ -198,6 +199,10 @@ def export_bundle(
     with step(progress, f"loading {source_dir} ({task}, {dtype})"):
         model, config = load_model(source_dir, task=task, dtype=dtype)
     stops = stop_token_ids(source_dir, config) if task == "causal-lm" else None  # before any work: a bad file fails
+    fim = None
+    if (source_dir / TOKENIZER_FILE).is_file():  # shipped in the bundle: it must read, before any work
+        tokenizer_object = read_tokenizer(source_dir / TOKENIZER_FILE, CheckpointError, "re-save its tokenizer")
+        fim = fim_record(tokenizer_object, fim_mode) if task == "causal-lm" else None
     cache = has_cache(task, use_cache)
     torch_dtype = next(model.parameters()).dtype
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -218,7 +223,6 @@ def export_bundle(
                 if name == TOKENIZER_FILE:
                     tokenizer = name
         hf_files = write_hf_files(source_dir, staging, config, task, cache=cache)
-        fim = fim_record(staging / tokenizer, fim_mode) if tokenizer and task == "causal-lm" else None
         with step(progress, "hashing the source checkpoint"):
             source = source_record(source_dir)  # resolved: commands run from any directory find it
             source["format"] = config.source_format  # gpt_bigcode, or santacoder-gpt2-mq (mapped on load)

@@ -33,9 +33,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bigcode_deploy.exporter.config import GPTBigCodeConfig
+from bigcode_deploy.exporter.config import MAX_CONFIG_BYTES, GPTBigCodeConfig
+from bigcode_deploy.exporter.json_file import read_json
 from bigcode_deploy.runtime.errors import ConfigError
-from bigcode_deploy.runtime.manifest import GENERATION_CONFIG_FILE, GRAPH_DTYPES, HF_CONFIG_FILE
+from bigcode_deploy.runtime.manifest import GENERATION_CONFIG_FILE, GRAPH_DTYPES, HF_CONFIG_FILE, MAX_STOP_IDS
+from bigcode_deploy.runtime.manifest_schema import short
 
 # The tasks whose bundles carry the Hugging Face files, and the transformers class each one's graph corresponds to.
 ARCHITECTURES = {"causal-lm": "GPTBigCodeForCausalLM"}
@@ -68,20 +70,19 @@ def stop_token_ids(source_dir: Path, config: GPTBigCodeConfig) -> list[int]:
     not a token id in [0, vocab_size)."""
     path = Path(source_dir) / GENERATION_CONFIG_FILE
     eos, where = config.eos_token_id, f"{HF_CONFIG_FILE} field eos_token_id"
-    if path.is_file():
-        try:
-            generation = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, OSError) as exc:
-            raise ConfigError(
-                f"{path} is not valid JSON ({type(exc).__name__}); re-save the checkpoint's file"
-            ) from None
-        if isinstance(generation, dict) and "eos_token_id" in generation:
+    if path.exists() or path.is_symlink():
+        generation = read_json(path, limit=MAX_CONFIG_BYTES, error=ConfigError, fix="re-save the checkpoint's file")
+        if not isinstance(generation, dict):
+            raise ConfigError(f"{path} holds a JSON {type(generation).__name__}, not an object; re-save the file")
+        if "eos_token_id" in generation:
             eos, where = generation["eos_token_id"], f"{path} field eos_token_id"
     ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if len(ids) > MAX_STOP_IDS:
+        raise ConfigError(f"{where} lists {len(ids)} ids; at most {MAX_STOP_IDS} stop ids are supported: fix the file")
     for token in ids:
         if type(token) is not int or not 0 <= token < config.vocab_size:  # noqa: E721 (bool is not an id)
             raise ConfigError(
-                f"{where}={eos!r} holds {token!r}, not a token id in [0, {config.vocab_size}): fix the file"
+                f"{where}={short(eos)} holds {short(token)}, not a token id in [0, {config.vocab_size}): fix the file"
             )
     return list(dict.fromkeys(ids))  # once each, in the file's order
 

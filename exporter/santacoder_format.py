@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from bigcode_deploy.exporter.dtypes import weight_problem
 from bigcode_deploy.runtime.errors import CheckpointError, ConfigError
 
 SANTACODER_FORMAT = "santacoder-gpt2-mq"  # the manifest's source.format for this format
@@ -68,6 +69,14 @@ def gpt_bigcode_fields(raw: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"config field model_type='gpt2' with attention_head_type={head_type!r} (architectures {architectures!r}) "
             f"is not a format this tool reads; it reads {SUPPORTED}"
+        )
+    architectures = raw.get("architectures")
+    if architectures is not None and (
+        not isinstance(architectures, list) or not any(a in ARCHITECTURES for a in architectures)
+    ):
+        raise ConfigError(
+            f"config field architectures={str(architectures)[:80]} of a gpt2 multi-query config names neither of "
+            f"{', '.join(ARCHITECTURES)}: this tool reads {SUPPORTED}"
         )
     for name in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if raw.get(name):
@@ -97,6 +106,15 @@ class WeightMapper:
 
     def __call__(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in tensors:
+            if (_QKV.match(name) or _TRANSPOSED.match(name)) and (problem := weight_problem(tensor)):
+                # Checked before merging or transposing: torch.cat would promote an integer half to float, and an
+                # error after mapping would name a tensor the file does not hold.
+                raise CheckpointError(f"tensor {name[:120]!r} {problem}")
+            if ".attn.c_attn." in name:
+                raise CheckpointError(
+                    f"tensor {name[:120]!r} has GPTBigCode's fused c_attn layout in an original SantaCoder checkpoint "
+                    "(q_attn + kv_attn): re-save it in one layout"
+                )
             if match := _QKV.match(name):
                 merged = self._qkv_part(match["block"], match["part"], match["kind"], name, tensor)
                 if merged is not None:

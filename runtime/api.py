@@ -15,6 +15,8 @@ import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
+
 from bigcode_deploy.runtime.backends import open_backend
 from bigcode_deploy.runtime.bundle import Bundle
 from bigcode_deploy.runtime.errors import BigCodeError
@@ -68,9 +70,16 @@ class Generator:
     def decode(self, ids: list[int], show_special: bool = False) -> str:
         """The text of token ids, special tokens left out unless show_special. Raises BigCodeError without a
         tokenizer."""
+        if not isinstance(show_special, bool):
+            raise BigCodeError(f"show_special={str(show_special)[:40]} must be True or False")
         if self.tokenizer is None:
             raise BigCodeError(f"{self.bundle.path} has no tokenizer.json: it cannot turn ids into text")
-        return self.tokenizer.decode(list(ids), skip_special_tokens=not show_special)
+        vocab = self.bundle.config["vocab_size"]
+        ids = list(ids)
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
+        if bad:
+            raise BigCodeError(f"token id {str(bad[0])[:40]} is not a token id in [0, {vocab})")
+        return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=not show_special)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

@@ -70,8 +70,10 @@ def bench_bundle(
     threads: int = 0,
     seed: int = 0,
     opener=None,
+    progress=None,
 ) -> BenchResult:
-    """Greedy decoding with no stop token, so every repeat does the same work."""
+    """Greedy decoding with no stop token, so every repeat does the same work. progress: called with one line once
+    the options and the bundle are checked, before the work starts."""
     for name, value, least, most in (
         ("prompt_len", prompt_len, 1, MAX_DIM),
         ("new_tokens", new_tokens, 2, MAX_DIM),
@@ -96,6 +98,8 @@ def bench_bundle(
             f"batch={batch} with prompt_len={prompt_len} needs ~{need / 2**30:.1f} GiB for the prefill's logits and "
             f"cache, more than this machine's {have / 2**30:.1f} GiB of memory; lower batch or prompt_len"
         )
+    if progress is not None:
+        progress(f"benchmarking {bundle_path} on {backend} ({repeats} repeats after a warm-up) ...")
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, vocab, (batch, prompt_len)).tolist()
     prefill, rates, steps_all, tail_all = [], [], [], []

@@ -186,9 +186,7 @@ def split_at_cursor(text: str, cursor: str, where: str) -> tuple[str, str]:
     return prefix, suffix
 
 
-def fim_record(tokenizer_file, mode: str = DEFAULT_FIM_MODE) -> dict[str, Any] | None:
-    """The manifest's `fim` record for a tokenizer.json (None when it has no FIM tokens)."""
-    from tokenizers import Tokenizer
-
-    tokens = find_fim_tokens(Tokenizer.from_file(str(tokenizer_file)), mode)
+def fim_record(tokenizer, mode: str = DEFAULT_FIM_MODE) -> dict[str, Any] | None:
+    """The manifest's `fim` record for a tokenizers.Tokenizer (None when it has no FIM tokens)."""
+    tokens = find_fim_tokens(tokenizer, mode)
     return None if tokens is None else tokens.to_json()

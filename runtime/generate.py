@@ -51,6 +51,11 @@ def stop_ids(manifest: Manifest, options: GenerationOptions) -> set[int]:
     manifest that does not record them, config.json's eos_token_id. Raises BigCodeError for an id outside the vocab."""
     vocab = manifest.config["vocab_size"]
     if options.stop_token_ids is not None:
+        if not isinstance(options.stop_token_ids, (list, tuple, set, frozenset)):
+            raise BigCodeError(
+                f"stop_token_ids={str(options.stop_token_ids)[:40]} is not a list of token ids (give [id, ...], or () "
+                "for none)"
+            )
         bad = [t for t in options.stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise BigCodeError(f"stop token {bad[0]!r} is not a token id in [0, {vocab})")

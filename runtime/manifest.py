@@ -70,6 +70,7 @@ MAX_MANIFEST_BYTES = 16 << 20  # manifest.json itself; a 40-layer manifest takes
 MAX_LAYERS = 1024  # n_layer (StarCoder: 40): the manifest lists two tensors per layer
 MAX_DIM = 2**31 - 1  # vocab_size, n_positions, n_embd, n_head, n_inner, num_labels, dims: int32 sizes
 MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json (StarCoder's: 2 MB)
+MAX_STOP_IDS = 64  # stop_token_ids / eos_token_id as a list (transformers' checkpoints: 1-3)
 
 # The custom domain of the model's two signature optimizations (bigcode_deploy.exporter.ops emits them).
 DOMAIN = "bigcode"

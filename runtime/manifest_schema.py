@@ -31,6 +31,7 @@ from bigcode_deploy.runtime.manifest import (
     GRAPH_DTYPES,
     MAX_DIM,
     MAX_LAYERS,
+    MAX_STOP_IDS,
     OPSETS,
     QUANTIZATION_BITS,
     QUANTIZATION_SCHEMES,
@@ -89,7 +90,12 @@ def is_int(value: Any, lo: int = 0, hi: int = MAX_DIM) -> bool:
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float's range (JSON allows 10**400)
+        return False
 
 
 def is_text(value: Any, limit: int = MAX_TEXT) -> bool:
@@ -224,7 +230,7 @@ def check_manifest(m: Manifest, where: str) -> None:
     check_fim_record(m.fim, c["vocab_size"], bad)
     stops = m.stop_token_ids  # the default stop ids (generation_config.json's eos list); None: not recorded
     if stops is not None and not (
-        isinstance(stops, list) and len(stops) <= 1024 and all(is_int(t, 0, c["vocab_size"] - 1) for t in stops)
+        isinstance(stops, list) and len(stops) <= MAX_STOP_IDS and all(is_int(t, 0, c["vocab_size"] - 1) for t in stops)
     ):
         raise bad("stop_token_ids", f"is {short(stops)}, not a list of token ids in [0, config.vocab_size)")
     if m.reference is not None:

@@ -72,10 +72,10 @@ def apply_repetition_penalty(logits: np.ndarray, seen: list, penalty: float) -> 
     for row, tokens in enumerate(seen):
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.size:
-            values = logits[row, tokens]
-            with np.errstate(over="ignore"):
+            values = logits[row, tokens].astype(np.float64)  # float64: a penalty of 1e-300 stays nonzero
+            with np.errstate(over="ignore", divide="ignore", under="ignore"):
                 penalized = np.where(values > 0, values / penalty, values * penalty)
-            finite = np.finfo(logits.dtype)  # a huge penalty saturates instead of reaching -inf
+            finite = np.finfo(logits.dtype)  # a huge or tiny penalty saturates instead of reaching +-inf
             logits[row, tokens] = np.clip(penalized, finite.min, finite.max)
     return logits
 

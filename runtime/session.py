@@ -53,8 +53,11 @@ class DecodingSession:
                 ids = np.asarray(None)
             if ids.ndim != 1 or ids.size == 0:
                 raise BigCodeError(f"prompt {i} is not a non-empty list of token ids; every prompt needs one or more")
-            if ids.dtype.kind not in "iu":
-                raise BigCodeError(f"prompt {i} holds {ids.dtype} values; give integer token ids")
+            if ids.dtype.kind not in "iu" or (
+                not isinstance(p, np.ndarray) and any(isinstance(t, (bool, np.bool_)) for t in p)
+            ):  # numpy reads [True, 2] as int64: a bool among ids is refused here
+                kind = ids.dtype if ids.dtype.kind not in "iu" else "bool"
+                raise BigCodeError(f"prompt {i} holds {kind} values; give integer token ids")
             self.check_ids(ids)
             out.append([int(t) for t in ids])
         return out

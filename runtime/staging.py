@@ -75,9 +75,20 @@ def temp_name(out_dir: Path, kind: str) -> Path:
     return out_dir.parent / f".{stem or '_'}{suffix}"
 
 
+def require_utf8_path(path: str | Path, what: str) -> None:
+    """Raise BigCodeError for a path whose bytes are not UTF-8 (Python holds them as lone surrogates): ONNX's checker
+    and ONNX Runtime take UTF-8 paths only, so such a path would fail half-way through the work."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(str(path)).decode("utf-8", "backslashreplace")  # the bytes as \xff escapes
+        raise BigCodeError(f"{what} {shown} is not UTF-8; choose a path of UTF-8 characters") from None
+
+
 def check_out_name(out_dir: str | Path) -> None:
     """Raise BigCodeError for an OUT_DIR that names no new directory (`.`, `..`, `/`) or whose last component is
     longer than the file system allows (NAME_MAX bytes)."""
+    require_utf8_path(out_dir, "OUT_DIR")
     name = Path(out_dir).name
     if name in ("", ".", ".."):
         raise BigCodeError(

@@ -15,20 +15,27 @@ def load_tokenizer(bundle: Bundle):
     name = bundle.manifest.tokenizer
     if not name:
         return None
+    path = bundle.file(name, "the tokenizer")
+    return read_tokenizer(path, BundleError, "re-export the bundle")
+
+
+def read_tokenizer(path, error: type[BigCodeError], fix: str):
+    """The tokenizers.Tokenizer in the file `path`. Raises `error` (one line naming the file, then `fix`) when it
+    cannot be read, exceeds MAX_TOKENIZER_BYTES (checked before reading) or is not a tokenizer the tokenizers
+    library reads."""
     from tokenizers import Tokenizer
 
-    path = bundle.file(name, "the tokenizer")
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise BundleError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
+        raise error(f"cannot read {path} ({exc.strerror}); check its permissions") from None
     if size > MAX_TOKENIZER_BYTES:
-        raise BundleError(f"{path} is larger than {MAX_TOKENIZER_BYTES >> 20} MiB, more than a tokenizer; re-export it")
+        raise error(f"{path} is larger than {MAX_TOKENIZER_BYTES >> 20} MiB, more than a tokenizer; {fix}")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # the tokenizers library raises a plain Exception for a file it cannot read
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise BundleError(f"{path} is not a tokenizer the tokenizers library reads ({first}); re-export it") from None
+        raise error(f"{path} is not a tokenizer the tokenizers library reads ({first}); {fix}") from None
 
 
 def parse_ids(text: str) -> list[int]:

@@ -256,6 +256,16 @@ def test_the_python_api_refuses_the_same_values(bundle):
         for prompt in ("a\udcff", b"abc"):
             with pytest.raises(BigCodeError, match="not valid UTF-8 text"):
                 g.stream_text(prompt)
+        for call, message in (
+            (lambda: g.generate([[1, 2]], stop_token_ids=5), "stop_token_ids=5 is not a list of token ids"),
+            (lambda: g.generate([[True, 2]]), "prompt 0 holds bool values"),
+            (lambda: g.decode([-1]), "token id -1 is not a token id in [0, 101)"),
+            (lambda: g.decode([99999]), "token id 99999 is not a token id in [0, 101)"),
+            (lambda: g.decode([1], show_special="yes"), "show_special=yes must be True or False"),
+        ):
+            with pytest.raises(BigCodeError) as caught:
+                call()
+            assert message in str(caught.value), caught.value
     with pytest.raises(BigCodeError, match="threads"):
         with open_generator(bundle, threads=10**6):
             pass
@@ -278,3 +288,16 @@ def test_sampling_in_its_domain_always_returns_token_ids(temperature, top_k, top
     options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty, seed=seed)
     tokens = Sampler(options)(logits, [list(range(11)), [1, 2], []])
     assert tokens.shape == (3,) and ((0 <= tokens) & (tokens < 11)).all()
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 5e-324, 1e300])
+def test_an_extreme_repetition_penalty_saturates_without_warnings(penalty):
+    import warnings
+
+    from bigcode_deploy.runtime.sampling import apply_repetition_penalty
+
+    logits = np.array([[1.0, -2.0, 3.0]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's divide-by-zero / overflow warnings would reach the user's stderr
+        out = apply_repetition_penalty(logits, [[0, 1]], penalty)
+    assert np.isfinite(out).all() and out[0, 2] == 3.0

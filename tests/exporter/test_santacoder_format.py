@@ -198,6 +198,7 @@ def test_real_santacoder_config_reads():
         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
         ({"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn=True"),
         ({"model_type": "llama"}, "model_type='llama' is not supported"),
+        ({"architectures": ["GPT2LMHeadModel"]}, r"architectures=\['GPT2LMHeadModel'\] of a gpt2 multi-query config"),
     ],
 )
 def test_other_configs_are_refused_naming_what_is_supported(change, message):
@@ -234,4 +235,24 @@ def test_linear_layout_or_missing_half_is_refused(original, tmp_path):
     del state["transformer.h.2.attn.kv_attn.bias"]
     torch.save(state, model_dir / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"transformer\.h\.2\.attn\.kv_attn\.bias is missing"):
+        load_model(model_dir)
+
+
+def test_integer_half_or_both_layouts_are_refused_before_mapping(original):
+    hf_model, model_dir = original
+    state = torch.load(model_dir / "pytorch_model.bin", weights_only=True)
+    q = state["transformer.h.0.attn.q_attn.weight"]
+    torch.save(
+        dict(state, **{"transformer.h.0.attn.q_attn.weight": q.to(torch.int64)}), model_dir / "pytorch_model.bin"
+    )
+    with pytest.raises(CheckpointError, match=r"'transformer\.h\.0\.attn\.q_attn\.weight' holds int64 values"):
+        load_model(model_dir)  # torch.cat would have promoted it to float: zero query weights, parity "ok"
+    nan = q.clone()
+    nan[0, 0] = float("nan")
+    torch.save(dict(state, **{"transformer.h.0.attn.q_attn.weight": nan}), model_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"'transformer\.h\.0\.attn\.q_attn\.weight' holds 1 non-finite"):
+        load_model(model_dir)  # named as the file names it, not as the mapped c_attn
+    fused = torch.zeros(q.shape[0] + 2 * (q.shape[0] // 4), q.shape[0])
+    torch.save(dict(state, **{"transformer.h.0.attn.c_attn.weight": fused}), model_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="fused c_attn layout in an original SantaCoder checkpoint"):
         load_model(model_dir)

@@ -28,7 +28,7 @@ def one_line_export_error(model_dir: Path, out: Path) -> str:
     return lines[-1]
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8, torch.float8_e4m3fn])
 def test_integer_or_bool_tensor_of_the_right_shape_is_refused(hf_checkpoint, tmp_path, dtype):
     _, model_dir = hf_checkpoint()
     state = load_file(model_dir / "model.safetensors")
@@ -37,7 +37,7 @@ def test_integer_or_bool_tensor_of_the_right_shape_is_refused(hf_checkpoint, tmp
     line = one_line_export_error(model_dir, tmp_path / "out")
     name = str(dtype).removeprefix("torch.")
     assert f"tensor transformer.h.1.mlp.c_fc.weight in model.safetensors holds {name} values" in line
-    assert "must be floating point" in line
+    assert "a weight must be float32, float16 or bfloat16" in line
 
 
 def test_float64_weights_are_converted(hf_checkpoint):
@@ -187,3 +187,10 @@ def test_a_layer_count_other_than_n_layer_names_both(hf_checkpoint, tmp_path):
     save_file(state, model_dir / "model.safetensors")
     line = one_line_export_error(model_dir, tmp_path / "out")
     assert "declares n_layer=2 but the weight files in" in line and "hold 1 layer(s)" in line
+
+
+def test_a_checkpoint_tokenizer_that_does_not_read_is_one_line_before_any_work(hf_checkpoint, tmp_path):
+    _, model_dir = hf_checkpoint()
+    (model_dir / "tokenizer.json").write_text("{not json")
+    line = one_line_export_error(model_dir, tmp_path / "out")
+    assert "tokenizer.json is not a tokenizer the tokenizers library reads" in line and "re-save its tokenizer" in line

@@ -32,6 +32,7 @@ HOSTILE = [
     -1,
     0,
     10**12,
+    10**400,  # beyond float's range: math.isfinite raises OverflowError on it
     1.5,
     True,
     "x",

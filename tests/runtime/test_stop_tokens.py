@@ -7,6 +7,7 @@ from config.json's eos, and a word-level tokenizer in which those ids are specia
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -163,6 +164,22 @@ def test_stop_ids_from_files(tmp_path):
             stop_token_ids(tmp_path, config)
     (tmp_path / "generation_config.json").write_text("{")
     with pytest.raises(ConfigError, match="is not valid JSON"):
+        stop_token_ids(tmp_path, config)
+    hostile = (
+        ("[" * 100_000 + "]" * 100_000, "generation_config.json"),  # nested too deep to parse: one line, no recursion
+        ("[1, 2]", "holds a JSON list, not an object"),
+        (json.dumps({"eos_token_id": list(range(40)) * 2 + [1000]}), "lists 81 ids; at most 64"),
+        (json.dumps({"eos_token_id": [1] * 50 + [1000]}), "holds 1000, not a token id"),
+    )
+    for text, message in hostile:
+        (tmp_path / "generation_config.json").write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+            stop_token_ids(tmp_path, config)
+        assert len(str(caught.value)) < 400  # a hostile list is cut in the message
+    (tmp_path / "generation_config.json").unlink()
+    with open(tmp_path / "generation_config.json", "wb") as big:
+        big.truncate(1 << 30)  # sparse: the bound is checked before reading
+    with pytest.raises(ConfigError, match="holds 1073741824 bytes, more than the 8388608"):
         stop_token_ids(tmp_path, config)
 
 

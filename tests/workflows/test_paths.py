@@ -198,6 +198,7 @@ def test_output_paths_that_name_no_writable_directory_are_one_line(exported, tmp
         (["..", "--force"], "names no new directory"),
         (["/"], "names no new directory"),
         ([tmp_path / ("n" * 256)], "is 256 bytes long"),
+        ([tmp_path / os.fsdecode(b"\xffout")], "\\xffout is not UTF-8"),  # ONNX's tools would fail half-way
     ]
     before = listing(tmp_path, elsewhere)
     for out, fragment in cases:
