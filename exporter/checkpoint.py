@@ -236,7 +236,7 @@ def load_model(
 ) -> tuple[nn.Module, GPTBigCodeConfig]:
     """Build the task's reference model from a checkpoint directory, in eval mode, in the given dtype."""
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-    require_utf8_path(model_dir, "model directory")
+    require_utf8_path(model_dir.absolute(), "model directory")  # absolute: the manifest records it so
     if not model_dir.is_dir():
         raise CheckpointError(f"model directory {model_dir} does not exist")
     torch_dtype = parse_dtype(dtype)
@@ -272,7 +272,13 @@ def load_model(
                     f"tensor {printable(raw_name)} in {path.name} has shape {tuple(tensor.shape)} but config.json "
                     f"implies {tuple(expected[name])}: the weights and config.json do not belong together"
                 )
-            loaded[name] = tensor.to(torch_dtype)
+            narrowed = tensor.to(torch_dtype)
+            if not torch.isfinite(narrowed).all():  # finite as stored, beyond the export dtype's range
+                raise CheckpointError(
+                    f"tensor {printable(raw_name)} in {path.name} holds values beyond {dtype}'s range (largest "
+                    f"{float(tensor.abs().max()):.3g}): export another --dtype or fix the checkpoint"
+                )
+            loaded[name] = narrowed
     if mapper:
         mapper.finish()
     if unexpected:

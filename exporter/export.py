@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
+import stat
 import warnings
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from bigcode_deploy.exporter.checkpoint import default_model_dir, load_model, so
 from bigcode_deploy.exporter.config import GPTBigCodeConfig
 from bigcode_deploy.exporter.dtypes import dtype_name
 from bigcode_deploy.exporter.hf_files import stop_token_ids, write_hf_files
+from bigcode_deploy.exporter.json_file import read_json
 from bigcode_deploy.exporter.onnx_functions import FUNCTIONS
 from bigcode_deploy.runtime.errors import BigCodeError, CheckpointError
 from bigcode_deploy.runtime.fim import DEFAULT_FIM_MODE, check_mode, fim_record
@@ -31,6 +34,7 @@ from bigcode_deploy.runtime.manifest import (
     DOMAIN,
     DOMAIN_VERSION,
     GRAPH_FILE,
+    MAX_TOKENIZER_BYTES,
     OPSETS,
     PAST,
     SEQUENCE,
@@ -150,6 +154,31 @@ def _quiet_torch_onnx():
         logger.setLevel(level)
 
 
+def checked_tokenizer_files(source_dir: Path) -> list[str]:
+    """The checkpoint's tokenizer files (TOKENIZER_FILES) present, each a regular file of at most MAX_TOKENIZER_BYTES
+    (JSON ones parse as JSON). Raises CheckpointError (one line) for one that is a dangling link, a directory, a
+    device, too large or not JSON: a bundle ships them, so they are checked before any work."""
+    present = []
+    for name in TOKENIZER_FILES:
+        path = source_dir / name
+        if not os.path.lexists(path):
+            continue
+        if name.endswith(".json"):
+            read_json(path, limit=MAX_TOKENIZER_BYTES, error=CheckpointError, fix="re-save the checkpoint's tokenizer")
+        else:
+            try:
+                info = os.stat(path)
+            except OSError as exc:
+                raise CheckpointError(f"cannot read {path} ({exc.strerror}); re-save the tokenizer") from None
+            if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_TOKENIZER_BYTES:
+                raise CheckpointError(
+                    f"{path} is not a regular file of at most {MAX_TOKENIZER_BYTES >> 20} MiB; re-save the "
+                    "checkpoint's tokenizer"
+                )
+        present.append(name)
+    return present
+
+
 def export_bundle(
     model_dir: str | Path | None,
     out_dir: str | Path,
@@ -199,8 +228,9 @@ def export_bundle(
     with step(progress, f"loading {source_dir} ({task}, {dtype})"):
         model, config = load_model(source_dir, task=task, dtype=dtype)
     stops = stop_token_ids(source_dir, config) if task == "causal-lm" else None  # before any work: a bad file fails
+    tokenizer_files = checked_tokenizer_files(source_dir)  # shipped in the bundle: checked before any work
     fim = None
-    if (source_dir / TOKENIZER_FILE).is_file():  # shipped in the bundle: it must read, before any work
+    if TOKENIZER_FILE in tokenizer_files:
         tokenizer_object = read_tokenizer(source_dir / TOKENIZER_FILE, CheckpointError, "re-save its tokenizer")
         fim = fim_record(tokenizer_object, fim_mode) if task == "causal-lm" else None
     cache = has_cache(task, use_cache)
@@ -216,12 +246,9 @@ def export_bundle(
             del ir_model
             graph_files = [staging / GRAPH_FILE] + ([staging / DATA_FILE] if external else [])
             graph_hashes = sha256_files(graph_files)
-        tokenizer = None
-        for name in TOKENIZER_FILES:
-            if (source_dir / name).is_file():
-                shutil.copy2(source_dir / name, staging / name)
-                if name == TOKENIZER_FILE:
-                    tokenizer = name
+        for name in tokenizer_files:
+            shutil.copy2(source_dir / name, staging / name)
+        tokenizer = TOKENIZER_FILE if TOKENIZER_FILE in tokenizer_files else None
         hf_files = write_hf_files(source_dir, staging, config, task, cache=cache)
         with step(progress, "hashing the source checkpoint"):
             source = source_record(source_dir)  # resolved: commands run from any directory find it

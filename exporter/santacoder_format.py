@@ -44,6 +44,7 @@ import torch
 
 from bigcode_deploy.exporter.dtypes import weight_problem
 from bigcode_deploy.runtime.errors import CheckpointError, ConfigError
+from bigcode_deploy.runtime.manifest_schema import short
 
 SANTACODER_FORMAT = "santacoder-gpt2-mq"  # the manifest's source.format for this format
 MULTI_QUERY = "multiquery"
@@ -75,7 +76,7 @@ def gpt_bigcode_fields(raw: dict[str, Any]) -> dict[str, Any]:
         not isinstance(architectures, list) or not any(a in ARCHITECTURES for a in architectures)
     ):
         raise ConfigError(
-            f"config field architectures={str(architectures)[:80]} of a gpt2 multi-query config names neither of "
+            f"config field architectures={short(architectures)} of a gpt2 multi-query config names neither of "
             f"{', '.join(ARCHITECTURES)}: this tool reads {SUPPORTED}"
         )
     for name in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):

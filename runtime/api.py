@@ -15,15 +15,13 @@ import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
-
 from bigcode_deploy.runtime.backends import open_backend
 from bigcode_deploy.runtime.bundle import Bundle
 from bigcode_deploy.runtime.errors import BigCodeError
 from bigcode_deploy.runtime.fim import FimPrompter, FimTokens, fim_stop_ids, no_fim_error
 from bigcode_deploy.runtime.generate import GenerationOptions, GenerationStats, TokenEvent, generate, stop_ids, stream
 from bigcode_deploy.runtime.sampling import SamplingOptions
-from bigcode_deploy.runtime.session import DecodingSession
+from bigcode_deploy.runtime.session import DecodingSession, is_token_id
 from bigcode_deploy.runtime.text import IncrementalDecoder, load_tokenizer, parse_ids
 
 _NOT_LOADED = object()
@@ -75,8 +73,10 @@ class Generator:
         if self.tokenizer is None:
             raise BigCodeError(f"{self.bundle.path} has no tokenizer.json: it cannot turn ids into text")
         vocab = self.bundle.config["vocab_size"]
+        if isinstance(ids, (str, bytes, dict)) or not hasattr(ids, "__iter__"):
+            raise BigCodeError(f"ids={str(ids)[:40]} is not a list of token ids")
         ids = list(ids)
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
+        bad = [t for t in ids if not is_token_id(t, vocab)]
         if bad:
             raise BigCodeError(f"token id {str(bad[0])[:40]} is not a token id in [0, {vocab})")
         return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=not show_special)

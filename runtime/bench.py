@@ -98,14 +98,14 @@ def bench_bundle(
             f"batch={batch} with prompt_len={prompt_len} needs ~{need / 2**30:.1f} GiB for the prefill's logits and "
             f"cache, more than this machine's {have / 2**30:.1f} GiB of memory; lower batch or prompt_len"
         )
-    if progress is not None:
-        progress(f"benchmarking {bundle_path} on {backend} ({repeats} repeats after a warm-up) ...")
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, vocab, (batch, prompt_len)).tolist()
     prefill, rates, steps_all, tail_all = [], [], [], []
-    with (opener or open_backend)(bundle, backend, threads=threads) as b:
+    with (opener or open_backend)(bundle, backend, threads=threads) as b:  # checks threads, backend, checkpoint
         session = DecodingSession(b, bundle)
         session.check_fits(prompts, new_tokens)
+        if progress is not None:
+            progress(f"benchmarking {bundle_path} on {backend} ({repeats} repeats after a warm-up) ...")
         for r in range(warmup + repeats):
             start = time.perf_counter()
             logits = session.prefill(prompts)

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bigcode_deploy.runtime.errors import BigCodeError, ContextOverflow
-from bigcode_deploy.runtime.manifest import Manifest
+from bigcode_deploy.runtime.manifest import MAX_STOP_IDS, Manifest
 from bigcode_deploy.runtime.sampling import Sampler, SamplingOptions
-from bigcode_deploy.runtime.session import DecodingSession
+from bigcode_deploy.runtime.session import DecodingSession, is_token_id
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,16 @@ def stop_ids(manifest: Manifest, options: GenerationOptions) -> set[int]:
     manifest that does not record them, config.json's eos_token_id. Raises BigCodeError for an id outside the vocab."""
     vocab = manifest.config["vocab_size"]
     if options.stop_token_ids is not None:
-        if not isinstance(options.stop_token_ids, (list, tuple, set, frozenset)):
-            raise BigCodeError(
-                f"stop_token_ids={str(options.stop_token_ids)[:40]} is not a list of token ids (give [id, ...], or () "
-                "for none)"
-            )
-        bad = [t for t in options.stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        given = options.stop_token_ids
+        if isinstance(given, (str, bytes, dict)) or not hasattr(given, "__iter__"):
+            raise BigCodeError(f"stop_token_ids={str(given)[:40]} is not a list of token ids (give [id, ...] or ())")
+        given = list(given)
+        if len(given) > MAX_STOP_IDS:
+            raise BigCodeError(f"{len(given)} stop token ids given; at most {MAX_STOP_IDS} are supported")
+        bad = [t for t in given if not is_token_id(t, vocab)]
         if bad:
-            raise BigCodeError(f"stop token {bad[0]!r} is not a token id in [0, {vocab})")
-        return set(options.stop_token_ids)
+            raise BigCodeError(f"stop token {str(bad[0])[:40]} is not a token id in [0, {vocab})")
+        return {int(t) for t in given}
     if manifest.stop_token_ids is not None:
         return set(manifest.stop_token_ids)
     eos = manifest.config.get("eos_token_id")

@@ -14,6 +14,11 @@ from bigcode_deploy.runtime.bundle import Bundle, left_pad, position_ids
 from bigcode_deploy.runtime.errors import BigCodeError, ContextOverflow, StateError
 
 
+def is_token_id(value: object, vocab_size: int) -> bool:
+    """An int or numpy integer (never a bool) in [0, vocab_size)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and 0 <= value < vocab_size
+
+
 class DecodingSession:
     """One batch's decoding state over an entered backend: prefill(prompts) -> (B, vocab) float32 logits of each
     row's last position; step(tokens (B,)) -> (B, vocab); keep_rows(mask (B,)) drops finished rows and their cache.
@@ -43,7 +48,9 @@ class DecodingSession:
     def check_prompts(self, prompts: list[list[int]]) -> list[list[int]]:
         """The prompts as lists of ints, or BigCodeError: at least one prompt, each a non-empty 1-d sequence of
         integer ids inside the vocabulary."""
-        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__") or len(prompts) == 0:
+        if isinstance(prompts, (str, bytes)):
+            raise BigCodeError("prompts must be lists of token ids, not text (encode text with the tokenizer first)")
+        if not hasattr(prompts, "__len__") or len(prompts) == 0:
             raise BigCodeError("give at least one prompt (a list of token id lists)")
         out = []
         for i, p in enumerate(prompts):

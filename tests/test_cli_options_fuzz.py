@@ -262,10 +262,21 @@ def test_the_python_api_refuses_the_same_values(bundle):
             (lambda: g.decode([-1]), "token id -1 is not a token id in [0, 101)"),
             (lambda: g.decode([99999]), "token id 99999 is not a token id in [0, 101)"),
             (lambda: g.decode([1], show_special="yes"), "show_special=yes must be True or False"),
+            (lambda: g.decode(5), "ids=5 is not a list of token ids"),
+            (lambda: g.decode(None), "ids=None is not a list of token ids"),
+            (lambda: g.decode("12"), "ids=12 is not a list of token ids"),
+            (lambda: g.generate("abc"), "prompts must be lists of token ids, not text"),
+            (lambda: g.generate([[1]], stop_token_ids="5"), "stop_token_ids=5 is not a list"),
+            (lambda: g.generate([[1]], stop_token_ids=[1] * 65), "65 stop token ids given; at most 64"),
+            (lambda: g.generate([[1]], stop_token_ids=[10**400]), "stop token " + "1" + "0" * 39 + " is not"),
         ):
             with pytest.raises(BigCodeError) as caught:
                 call()
-            assert message in str(caught.value), caught.value
+            assert message in str(caught.value) and len(str(caught.value)) < 200, caught.value
+        # numpy integers are token ids wherever ids are taken
+        assert g.generate([[1]], max_new_tokens=2, stop_token_ids=np.array([5])) is not None
+        assert g.generate([[1]], max_new_tokens=2, stop_token_ids=[np.int64(5)]) is not None
+        assert isinstance(g.decode(np.array([1, 2], np.int64)), str)
     with pytest.raises(BigCodeError, match="threads"):
         with open_generator(bundle, threads=10**6):
             pass
@@ -301,3 +312,9 @@ def test_an_extreme_repetition_penalty_saturates_without_warnings(penalty):
         warnings.simplefilter("error")  # numpy's divide-by-zero / overflow warnings would reach the user's stderr
         out = apply_repetition_penalty(logits, [[0, 1]], penalty)
     assert np.isfinite(out).all() and out[0, 2] == 3.0
+
+
+def test_bench_prints_its_progress_line_only_once_the_backend_opened(bundle):
+    for args in (["--threads", "99999999999"], ["--backend", "tensorrt"]):
+        result = CliRunner().invoke(main, ["bench", str(bundle), *args])
+        assert result.exit_code == 2 and "benchmarking" not in result.output, result.output

@@ -192,5 +192,26 @@ def test_a_layer_count_other_than_n_layer_names_both(hf_checkpoint, tmp_path):
 def test_a_checkpoint_tokenizer_that_does_not_read_is_one_line_before_any_work(hf_checkpoint, tmp_path):
     _, model_dir = hf_checkpoint()
     (model_dir / "tokenizer.json").write_text("{not json")
+    assert "tokenizer.json is not valid JSON" in one_line_export_error(model_dir, tmp_path / "out")
+    (model_dir / "tokenizer.json").write_text('{"model": 5}')  # JSON, but not a tokenizer
     line = one_line_export_error(model_dir, tmp_path / "out")
     assert "tokenizer.json is not a tokenizer the tokenizers library reads" in line and "re-save its tokenizer" in line
+
+
+def test_tokenizer_files_that_are_not_small_regular_files_are_one_line(hf_checkpoint, tmp_path):
+    _, model_dir = hf_checkpoint()
+    (model_dir / "tokenizer.json").symlink_to(tmp_path / "nowhere")
+    assert "tokenizer.json" in one_line_export_error(model_dir, tmp_path / "out")
+    (model_dir / "tokenizer.json").unlink()
+    with open(model_dir / "special_tokens_map.json", "wb") as big:
+        big.truncate(1500 << 20)  # sparse: refused by its size before anything reads it
+    assert "special_tokens_map.json" in one_line_export_error(model_dir, tmp_path / "out")
+
+
+def test_a_weight_beyond_the_export_dtypes_range_is_named(hf_checkpoint, tmp_path):
+    _, model_dir = hf_checkpoint()
+    state = {k: v.double() for k, v in load_file(model_dir / "model.safetensors").items()}
+    state["transformer.h.0.attn.c_attn.weight"][0, 0] = 1e300  # finite in float64, inf in float32
+    save_file(state, model_dir / "model.safetensors")
+    line = one_line_export_error(model_dir, tmp_path / "out")
+    assert "tensor transformer.h.0.attn.c_attn.weight in model.safetensors holds values beyond fp32's range" in line
