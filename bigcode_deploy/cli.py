@@ -221,13 +221,9 @@ def verify(bundle, model_dir, backend, steps, seed, threads) -> None:
 
 def _read_text(path: str, option: str, limit: int = 16 << 20) -> str:
     """A UTF-8 text file of at most `limit` bytes, or BigCodeError naming the option, the path and what to do."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise BigCodeError(f"{option} {path}: cannot read it ({exc.strerror}); give a readable text file") from None
-    if len(data) > limit:
-        raise BigCodeError(f"{option} {path} is larger than {limit >> 20} MiB; give a source file")
+    from bigcode_deploy.runtime.bounded_file import read_bytes
+
+    data = read_bytes(path, limit=limit, error=BigCodeError, fix=f"give {option} a readable source file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

@@ -24,9 +24,9 @@ from torch import nn
 
 from bigcode_deploy.exporter.config import GPTBigCodeConfig
 from bigcode_deploy.exporter.dtypes import TORCH_DTYPES, weight_problem
-from bigcode_deploy.exporter.json_file import read_json
 from bigcode_deploy.exporter.model import build_model
 from bigcode_deploy.exporter.santacoder_format import SANTACODER_FORMAT, WeightMapper
+from bigcode_deploy.runtime.bounded_file import read_json
 from bigcode_deploy.runtime.errors import CheckpointError, ConfigError
 from bigcode_deploy.runtime.hashing import sha256_files
 from bigcode_deploy.runtime.manifest_schema import short

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
-from bigcode_deploy.exporter.json_file import read_json
+from bigcode_deploy.runtime.bounded_file import read_json
 from bigcode_deploy.runtime.errors import ConfigError
 from bigcode_deploy.runtime.manifest import MAX_DIM, MAX_LAYERS, MAX_STOP_IDS
-from bigcode_deploy.runtime.manifest_schema import short
+from bigcode_deploy.runtime.manifest_schema import is_int, is_number, short
 
 # The activations transformers' ACT2FN maps for this model family; exporter.model implements each.
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "gelu_new", "gelu_fast", "relu", "silu", "swish", "quick_gelu")
@@ -100,7 +99,7 @@ class GPTBigCodeConfig:
         for name in SIZE_FIELDS:
             value = getattr(self, name)
             hi = MAX_LAYERS if name == "n_layer" else MAX_DIM
-            if not (name == "n_inner" and value is None) and not _is_int(value, 1, hi):
+            if not (name == "n_inner" and value is None) and not is_int(value, 1, hi):
                 raise ConfigError(
                     f"config field {name}={short(value)} must be an integer in [1, {hi}]"
                     + (" or null (4 * n_embd)" if name == "n_inner" else "")
@@ -112,16 +111,16 @@ class GPTBigCodeConfig:
                     f"config field {name}={short(value)} must be true or false (a JSON boolean, not a string or number)"
                 )
         eps = self.layer_norm_epsilon
-        if not _is_number(eps) or not 0 < eps < 1:
+        if not is_number(eps) or not 0 < eps < 1:
             raise ConfigError(
                 f"config field layer_norm_epsilon={short(eps)} must be a number in (0, 1): set it to 1e-05, "
                 "transformers' default and StarCoder's and SantaCoder's value"
             )
         for name in DROPOUT_FIELDS:
             value = getattr(self, name)
-            if not (name == "classifier_dropout" and value is None) and not (_is_number(value) and 0 <= value <= 1):
+            if not (name == "classifier_dropout" and value is None) and not (is_number(value) and 0 <= value <= 1):
                 raise ConfigError(f"config field {name}={short(value)} must be a probability in [0, 1]")
-        if not _is_number(self.initializer_range) or self.initializer_range < 0:
+        if not is_number(self.initializer_range) or self.initializer_range < 0:
             raise ConfigError(f"config field initializer_range={short(self.initializer_range)} must be a number >= 0")
         if self.torch_dtype is not None and not (isinstance(self.torch_dtype, str) and len(self.torch_dtype) <= 200):
             raise ConfigError(f"config field torch_dtype={short(self.torch_dtype)} must be a dtype name or null")
@@ -150,7 +149,7 @@ class GPTBigCodeConfig:
                 continue
             many = name == "eos_token_id" and isinstance(value, (list, tuple))
             ids = value if many else [value]
-            if not (0 < len(ids) <= MAX_EOS_IDS and all(_is_int(i, 0, vocab - 1) for i in ids)):
+            if not (0 < len(ids) <= MAX_EOS_IDS and all(is_int(i, 0, vocab - 1) for i in ids)):
                 raise ConfigError(
                     f"config field {name}={short(value)} must be a token id in [0, {vocab}) (vocab_size)"
                     + (f", a list of 1 to {MAX_EOS_IDS} of them," if name == "eos_token_id" else "")
@@ -192,7 +191,7 @@ class GPTBigCodeConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> GPTBigCodeConfig:
-        """Read and validate config.json (exporter.json_file bounds the read). Raises ConfigError, one line naming the
+        """Read and validate config.json (runtime.bounded_file bounds the read). Raises ConfigError, one line naming the
         file, for a file that cannot be read as a JSON object or a field outside its domain (validate)."""
         path = Path(path)
         if not path.exists() and not path.is_symlink():
@@ -241,19 +240,3 @@ def preset(name: str, **overrides: Any) -> GPTBigCodeConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return GPTBigCodeConfig(**{**PRESETS[name], **overrides})
-
-
-def _is_int(value: Any, lo: int, hi: int) -> bool:
-    """An integer (not a bool: JSON true is no size) in [lo, hi]."""
-    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
-
-
-def _is_number(value: Any) -> bool:
-    """An int or float, not a bool, that is finite as a float (an int above 1.8e308 is not: the model computes in
-    floats)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False

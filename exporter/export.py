@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import shutil
-import stat
 import warnings
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from bigcode_deploy.exporter.checkpoint import default_model_dir, load_model, so
 from bigcode_deploy.exporter.config import GPTBigCodeConfig
 from bigcode_deploy.exporter.dtypes import dtype_name
 from bigcode_deploy.exporter.hf_files import stop_token_ids, write_hf_files
-from bigcode_deploy.exporter.json_file import read_json
 from bigcode_deploy.exporter.onnx_functions import FUNCTIONS
+from bigcode_deploy.runtime.bounded_file import read_bytes, read_json
 from bigcode_deploy.runtime.errors import BigCodeError, CheckpointError
 from bigcode_deploy.runtime.fim import DEFAULT_FIM_MODE, check_mode, fim_record
 from bigcode_deploy.runtime.hashing import sha256_files
@@ -155,26 +154,18 @@ def _quiet_torch_onnx():
 
 
 def checked_tokenizer_files(source_dir: Path) -> list[str]:
-    """The checkpoint's tokenizer files (TOKENIZER_FILES) present, each a regular file of at most MAX_TOKENIZER_BYTES
-    (JSON ones parse as JSON). Raises CheckpointError (one line) for one that is a dangling link, a directory, a
-    device, too large or not JSON: a bundle ships them, so they are checked before any work."""
+    """The checkpoint's tokenizer files (TOKENIZER_FILES) present, each a regular file of at most MAX_TOKENIZER_BYTES,
+    the JSON ones valid JSON (tokenizer.json is read by read_tokenizer). Raises CheckpointError (one line) for one that
+    is a dangling link, a directory, a device, too large or not JSON: a bundle ships them, so they are checked before
+    any work."""
     present = []
     for name in TOKENIZER_FILES:
         path = source_dir / name
         if not os.path.lexists(path):
             continue
-        if name.endswith(".json"):
-            read_json(path, limit=MAX_TOKENIZER_BYTES, error=CheckpointError, fix="re-save the checkpoint's tokenizer")
-        else:
-            try:
-                info = os.stat(path)
-            except OSError as exc:
-                raise CheckpointError(f"cannot read {path} ({exc.strerror}); re-save the tokenizer") from None
-            if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_TOKENIZER_BYTES:
-                raise CheckpointError(
-                    f"{path} is not a regular file of at most {MAX_TOKENIZER_BYTES >> 20} MiB; re-save the "
-                    "checkpoint's tokenizer"
-                )
+        if name != TOKENIZER_FILE:
+            read = read_json if name.endswith(".json") else read_bytes
+            read(path, limit=MAX_TOKENIZER_BYTES, error=CheckpointError, fix="re-save the checkpoint's tokenizer")
         present.append(name)
     return present
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bigcode_deploy.exporter.config import MAX_CONFIG_BYTES, GPTBigCodeConfig
-from bigcode_deploy.exporter.json_file import read_json
+from bigcode_deploy.runtime.bounded_file import read_json
 from bigcode_deploy.runtime.errors import ConfigError
 from bigcode_deploy.runtime.manifest import GENERATION_CONFIG_FILE, GRAPH_DTYPES, HF_CONFIG_FILE, MAX_STOP_IDS
 from bigcode_deploy.runtime.manifest_schema import short

@@ -23,6 +23,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from bigcode_deploy.runtime.bounded_file import read_json
 from bigcode_deploy.runtime.errors import BundleError
 
 FORMAT = "bigcode-deploy-bundle"
@@ -304,17 +305,7 @@ class Manifest:
             raise BundleError(
                 f"{bundle_dir} is not a bundle: {MANIFEST_FILE} is missing (create one with `bigcode-deploy export`)"
             )
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_MANIFEST_BYTES + 1)
-        except OSError as exc:
-            raise BundleError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise BundleError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB, more than any manifest; re-export it")
-        try:
-            raw = json.loads(data.decode("utf-8"))
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits
-            raise BundleError(f"{path} is not valid JSON ({type(exc).__name__}); re-export the bundle") from None
+        raw = read_json(path, limit=MAX_MANIFEST_BYTES, error=BundleError, fix="re-export the bundle")
         return cls.from_json(raw, where=str(path))
 
     @classmethod

@@ -19,6 +19,7 @@ import re
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from bigcode_deploy.runtime.bounded_file import first_non_finite
 from bigcode_deploy.runtime.errors import BundleError
 from bigcode_deploy.runtime.fim import check_fim_record
 from bigcode_deploy.runtime.manifest import (
@@ -120,25 +121,6 @@ def same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
-def first_non_finite(value: Any, path: str = "") -> str | None:
-    """The path of the first NaN or infinite float inside a JSON value (or a dataclass of them), or None."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else (path or "(the manifest)")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        items = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
-    elif isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, (list, tuple)):
-        items = enumerate(value)
-    else:
-        return None
-    for key, item in items:
-        found = first_non_finite(item, f"{path}.{key}" if path else str(key))
-        if found is not None:
-            return found
-    return None
-
-
 def check_manifest(m: Manifest, where: str) -> None:
     """Raise BundleError (one line naming `where`, the field, its value and what to do) for the first field of `m`
     that is not what the format allows. Runs in time linear in the manifest's size and builds nothing from a size
@@ -171,12 +153,9 @@ def check_manifest(m: Manifest, where: str) -> None:
     for name in ("config", "source", "custom_ops", "feeding"):
         if not isinstance(getattr(m, name), dict):
             raise bad(name, f"is {short(getattr(m, name))}, not an object")
-    try:
-        where_nan = first_non_finite(m)
-    except RecursionError:
-        raise bad("(a field)", "is nested too deeply") from None
+    where_nan = first_non_finite(m)
     if where_nan is not None:
-        raise bad(where_nan, "is not a finite number")
+        raise bad(where_nan or "(the manifest)", "is not a finite number")
 
     check_config(m.config, bad)
     c = m.config

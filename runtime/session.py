@@ -12,11 +12,12 @@ import numpy as np
 
 from bigcode_deploy.runtime.bundle import Bundle, left_pad, position_ids
 from bigcode_deploy.runtime.errors import BigCodeError, ContextOverflow, StateError
+from bigcode_deploy.runtime.sampling import is_integer
 
 
 def is_token_id(value: object, vocab_size: int) -> bool:
     """An int or numpy integer (never a bool) in [0, vocab_size)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and 0 <= value < vocab_size
+    return is_integer(value) and 0 <= value < vocab_size
 
 
 class DecodingSession:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bigcode_deploy.runtime.bounded_file import read_bytes
 from bigcode_deploy.runtime.bundle import Bundle
 from bigcode_deploy.runtime.errors import BigCodeError, BundleError
 from bigcode_deploy.runtime.manifest import MAX_TOKENIZER_BYTES
@@ -25,15 +26,10 @@ def read_tokenizer(path, error: type[BigCodeError], fix: str):
     library reads."""
     from tokenizers import Tokenizer
 
+    data = read_bytes(path, limit=MAX_TOKENIZER_BYTES, error=error, fix=fix)
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise error(f"cannot read {path} ({exc.strerror}); check its permissions") from None
-    if size > MAX_TOKENIZER_BYTES:
-        raise error(f"{path} is larger than {MAX_TOKENIZER_BYTES >> 20} MiB, more than a tokenizer; {fix}")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # the tokenizers library raises a plain Exception for a file it cannot read
+        return Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as exc:  # UnicodeDecodeError, or the plain Exception the tokenizers library raises
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise error(f"{path} is not a tokenizer the tokenizers library reads ({first}); {fix}") from None
 

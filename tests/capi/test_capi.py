@@ -15,6 +15,7 @@ from bigcode_deploy.runtime.api import open_generator
 from bigcode_deploy.runtime.progress import quiet
 from bigcode_deploy.runtime.verify import verify_bundle
 from bigcode_deploy.runtime.version import __version__
+from tests.capi.build import build_program
 
 ROOT = Path(__file__).resolve().parents[2]
 STATUS = {
@@ -57,28 +58,9 @@ def broken_install(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """(library dir, bundle of the default model, C checks binary, C++ example binary)."""
-    from bigcode_deploy.runtime.capi_build import HEADER, build
-
     root = tmp_path_factory.mktemp("capi")
-    library = build(root / "lib")
+    library, checks = build_program(root, "capi_checks.c")
     bundle = export_bundle(None, root / "bundle", check=False, progress=quiet)
-    checks = root / "capi_checks"
-    subprocess.run(
-        [
-            "cc",
-            "-std=c11",
-            "-Wall",
-            "-Werror",
-            f"-I{HEADER.parent}",
-            str(ROOT / "tests" / "capi" / "capi_checks.c"),
-            f"-L{library.parent}",
-            "-lbigcode_runtime",
-            f"-Wl,-rpath,{library.parent}",
-            "-o",
-            str(checks),
-        ],
-        check=True,
-    )
     example = None
     if shutil.which("cmake"):
         subprocess.run(

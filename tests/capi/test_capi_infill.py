@@ -7,7 +7,8 @@ import subprocess
 import pytest
 
 from bigcode_deploy.runtime.api import open_generator
-from tests.capi.test_capi import ROOT, STATUS
+from tests.capi.build import build_program
+from tests.capi.test_capi import STATUS
 from tests.runtime.test_eval import export_fim_bundle, strip_fim
 
 PREFIX, SUFFIX = "def walk(root):\n", "\n            yield name\n"
@@ -16,27 +17,8 @@ PREFIX, SUFFIX = "def walk(root):\n", "\n            yield name\n"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """(infill_check binary, FIM bundle, the same bundle without its fim record)."""
-    from bigcode_deploy.runtime.capi_build import HEADER, build
-
     root = tmp_path_factory.mktemp("capi-infill")
-    library = build(root / "lib")
-    binary = root / "infill_check"
-    subprocess.run(
-        [
-            "cc",
-            "-std=c11",
-            "-Wall",
-            "-Werror",
-            f"-I{HEADER.parent}",
-            str(ROOT / "tests" / "capi" / "infill_check.c"),
-            f"-L{library.parent}",
-            "-lbigcode_runtime",
-            f"-Wl,-rpath,{library.parent}",
-            "-o",
-            str(binary),
-        ],
-        check=True,
-    )
+    _, binary = build_program(root, "infill_check.c")
     bundle = export_fim_bundle(root)
     return binary, bundle, strip_fim(bundle, root / "no-fim", drop_tokenizer=False)
 

@@ -220,10 +220,10 @@ def deep(n: int) -> str:
 @pytest.mark.parametrize(
     "kind, message",
     [
-        ("directory", "is a directory, not a JSON file"),
+        ("directory", "is a directory, not a file"),
         ("symlink loop", "cannot be read"),
         ("fifo", "is not a regular file"),
-        ("huge", "more than the 8388608 a JSON file here may hold"),
+        ("huge", "more than the 8388608 this file may hold"),
         ("not utf-8", "is not UTF-8 text"),
         ("array", "must hold a JSON object, not list"),
         ("deep", "nests arrays or objects too deeply"),

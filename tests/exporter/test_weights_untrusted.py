@@ -192,7 +192,9 @@ def test_a_layer_count_other_than_n_layer_names_both(hf_checkpoint, tmp_path):
 def test_a_checkpoint_tokenizer_that_does_not_read_is_one_line_before_any_work(hf_checkpoint, tmp_path):
     _, model_dir = hf_checkpoint()
     (model_dir / "tokenizer.json").write_text("{not json")
-    assert "tokenizer.json is not valid JSON" in one_line_export_error(model_dir, tmp_path / "out")
+    assert "tokenizer.json is not a tokenizer the tokenizers library reads" in one_line_export_error(
+        model_dir, tmp_path / "out"
+    )
     (model_dir / "tokenizer.json").write_text('{"model": 5}')  # JSON, but not a tokenizer
     line = one_line_export_error(model_dir, tmp_path / "out")
     assert "tokenizer.json is not a tokenizer the tokenizers library reads" in line and "re-save its tokenizer" in line

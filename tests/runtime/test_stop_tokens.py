@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +23,9 @@ from bigcode_deploy.runtime.api import open_generator
 from bigcode_deploy.runtime.errors import BundleError, ConfigError
 from bigcode_deploy.runtime.manifest import Manifest
 from bigcode_deploy.runtime.progress import quiet
+from tests.capi.build import build_program
 from tests.helpers import make_hf_model
 
-ROOT = Path(__file__).resolve().parents[2]
 PROMPT = [11, 12, 13]
 MAX_NEW = 8
 
@@ -126,15 +125,8 @@ def test_completion_text_leaves_special_tokens_out_unless_asked(setup):
 def test_c_abi_default_stop_ids_and_special_text(setup, tmp_path):
     """The C ABI (tests/capi/capi_stop_tokens.c, default bcr_sampling_options): the bundle's stop ids end the row, and
     the callback's text leaves special tokens out unless show_special; the ids are passed either way."""
-    from bigcode_deploy.runtime.capi_build import HEADER, build
-
     bundle, _, _, expected = setup
-    library = build(tmp_path / "lib")
-    program = tmp_path / "capi_stop_tokens"
-    source = ROOT / "tests" / "capi" / "capi_stop_tokens.c"
-    rpath = f"-Wl,-rpath,{library.parent}"
-    compile_args = ["cc", "-std=c11", "-Wall", "-Werror", f"-I{HEADER.parent}", str(source), f"-L{library.parent}"]
-    subprocess.run([*compile_args, "-lbigcode_runtime", rpath, "-o", str(program)], check=True)
+    _, program = build_program(tmp_path, "capi_stop_tokens.c")
     prompt = " ".join(f"w{t}" for t in PROMPT)
     words = " ".join(f"w{t}" for t in expected[:-1])
     for show_special, last_text in ((0, ""), (1, "<|endoftext|>")):

@@ -208,7 +208,8 @@ def test_deeply_nested_json_and_a_file_in_the_output_path_are_one_line(bundle, t
     shutil.copytree(bundle, bad)
     (bad / MANIFEST_FILE).write_text("[" * 100000 + "]" * 100000)
     result = CliRunner().invoke(main, ["verify", str(bad)])
-    assert result.exit_code == 2 and "is not valid JSON" in result.output and len(result.output.splitlines()) == 1
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1
+    assert "nests arrays or objects too deeply to read" in result.output
     (tmp_path / "a_file").write_text("x")
     result = CliRunner().invoke(
         main, ["optimize", str(bundle), str(tmp_path / "a_file" / "sub"), "--target", "portable"]
