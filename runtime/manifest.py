@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,7 +302,7 @@ class Manifest:
     def read(cls, bundle_dir: Path) -> Manifest:
         """manifest.json of a bundle directory, validated. Raises BundleError naming the file and what to do."""
         path = Path(bundle_dir) / MANIFEST_FILE
-        if not path.is_file():
+        if not os.path.lexists(path):  # anything else at that name gets read_json's precise line
             raise BundleError(
                 f"{bundle_dir} is not a bundle: {MANIFEST_FILE} is missing (create one with `bigcode-deploy export`)"
             )

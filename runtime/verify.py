@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bigcode_deploy.runtime.backends import open_backend
 from bigcode_deploy.runtime.bundle import Bundle
-from bigcode_deploy.runtime.errors import BigCodeError
+from bigcode_deploy.runtime.errors import BigCodeError, BundleError
 from bigcode_deploy.runtime.generate import GenerationOptions, generate
 from bigcode_deploy.runtime.manifest import PARITY_FILE
 from bigcode_deploy.runtime.parity import ParityReport, judge
@@ -66,9 +66,11 @@ def write_parity(bundle_dir: Path, report: ParityReport) -> bool:
         tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
         tmp.replace(path)
     except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
-            raise
         with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)  # never left behind, whatever failed
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise BundleError(
+                f"cannot write {path} ({exc.strerror or type(exc).__name__}); remove what stands at that name"
+            ) from None
         return False
     return True

@@ -273,3 +273,16 @@ def test_cli_verify_and_inspect_refuse_in_one_line(raw, bundle, tmp_path, path, 
         assert 1 <= len(lines) <= 3 and lines[0].startswith("error: "), result.output
         assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), result.output
     assert sorted((p.name, p.stat().st_size) for p in bad.iterdir()) == before  # nothing written
+
+
+def test_a_manifest_that_is_a_directory_or_a_device_gets_its_own_line(bundle, tmp_path):
+    for kind, make, fragment in (
+        ("dir", lambda p: p.mkdir(), "is a directory, not a file"),
+        ("device", lambda p: p.symlink_to("/dev/zero"), "is not a regular file"),
+    ):
+        bad = tmp_path / kind
+        shutil.copytree(bundle, bad)
+        (bad / MANIFEST_FILE).unlink()
+        make(bad / MANIFEST_FILE)
+        with pytest.raises(BundleError, match=fragment):
+            Manifest.read(bad)

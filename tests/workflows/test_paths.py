@@ -252,3 +252,14 @@ def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(exported, tmp_
     result = cli("optimize", bundle, out, "--target", "portable", "--no-check", cwd=elsewhere)
     one_line_error(result, f"writing OUT_DIR {out} failed: No space left on device", "nothing was written")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_where_parity_json_is_a_directory_is_one_line_and_leaves_no_temp_file(exported, tmp_path):
+    _, bundle, elsewhere = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    (copy / "parity.json").unlink(missing_ok=True)
+    (copy / "parity.json").mkdir()
+    result = cli("verify", copy, cwd=elsewhere)
+    one_line_error(result, "cannot write")
+    assert sorted(p.name for p in copy.iterdir() if p.name.startswith(".parity")) == []
